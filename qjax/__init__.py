@@ -1,0 +1,54 @@
+"""qjax: train neural networks with coarsely quantized weights in JAX.
+
+Implements Li, De, Xu, Studer, Samet, Goldstein, "Training Quantized Nets: A
+Deeper Understanding" (NeurIPS 2017): grids, quantizers, optax update rules for
+BinaryConnect (BC), stochastic rounding (SR) and deterministic rounding (R).
+"""
+
+from qjax import methods
+from qjax.grid import Grid
+from qjax.grid import contains
+from qjax.methods import Method
+from qjax.quantizers import all_floats
+from qjax.quantizers import all_kernels
+from qjax.quantizers import conv_kernels
+from qjax.quantizers import glorot_binary_grid
+from qjax.quantizers import glorot_scale
+from qjax.quantizers import mean_abs_scale
+from qjax.quantizers import quantize
+from qjax.quantizers import resolve_mask
+from qjax.quantizers import round_nearest
+from qjax.quantizers import round_stochastic
+from qjax.quantizers import sign
+from qjax.quantizers import stochastic_binarize
+from qjax.quantizers import straight_through
+from qjax.transforms import StochasticRoundingState
+from qjax.transforms import latent_clipping
+from qjax.transforms import nearest_rounding
+from qjax.transforms import stochastic_rounding
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Grid",
+    "Method",
+    "StochasticRoundingState",
+    "all_floats",
+    "all_kernels",
+    "contains",
+    "conv_kernels",
+    "glorot_binary_grid",
+    "glorot_scale",
+    "latent_clipping",
+    "mean_abs_scale",
+    "methods",
+    "nearest_rounding",
+    "quantize",
+    "resolve_mask",
+    "round_nearest",
+    "round_stochastic",
+    "sign",
+    "stochastic_binarize",
+    "stochastic_rounding",
+    "straight_through",
+)

@@ -1,0 +1,381 @@
+"""Pure quantizers: deterministic and stochastic rounding, binarization, scales.
+
+Everything here is a pure function of arrays (and an explicit ``jax.random``
+key for the stochastic ones), safe under ``jit``, ``vmap`` and ``grad``.
+Rounding arithmetic runs in float32 (float64 for float64 inputs) whatever the
+input dtype, so that bf16/f16 arithmetic adds no bias; the result is cast back
+to the input dtype.
+
+Notation (Li et al. 2017, Sec. 3): ``Q_d`` rounds to the nearest grid point,
+``Q_s`` rounds up with probability equal to the fractional distance, so that
+``E[Q_s(x)] = x`` for ``x`` inside the grid's range.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qjax.grid import Grid
+
+Array = jax.Array
+ArrayLike = Any
+PyTree = Any
+Predicate = Callable[[tuple, Any], bool]
+
+
+# ----------------------------------------------------------------------------
+# Rounding onto a grid.
+# ----------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype) -> Any:
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _as_float(x, fn_name: str) -> Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{fn_name} needs a floating-point array; got dtype {x.dtype}. "
+        "Cast integer inputs with x.astype(jnp.float32) first.")
+  return x
+
+
+def _grid_index(x: Array, grid: Grid, ct) -> Array:
+  """Real-valued grid coordinate ``(x - offset) / step`` in dtype ``ct``."""
+  if not isinstance(grid, Grid):
+    raise TypeError(
+        f"Expected a qjax.Grid; got {type(grid).__name__}. Build one with "
+        "Grid.binary(), Grid.ternary(), Grid.kbit(k) or Grid.uniform(step).")
+  return ((x.astype(ct) - jnp.asarray(grid.offset, ct))
+          / jnp.asarray(grid.step, ct))
+
+
+def _clip_index(k: Array, grid: Grid, ct) -> Array:
+  if not grid.bounded:
+    return k
+  k_lo, k_hi = grid.index_bounds(ct)
+  return jnp.clip(k, k_lo, k_hi)
+
+
+def lattice_resolution(grid: Grid, dtype) -> Array | None:
+  """The power of two that a bounded grid's points are snapped to in ``dtype``.
+
+  With ``M = max(|lo|, |hi|)`` and ``b`` the dtype's significand bits, the
+  resolution is ``r = 2**(floor(log2 M) + 2 - b)``. Every multiple of ``r``
+  in ``[-2M, 2M]`` is exactly representable, so for any two snapped points
+  ``p, q`` both ``q - p`` and ``p + (q - p)`` are exact: parameters stay on the
+  grid bit for bit through ``optax.apply_updates``. The snap moves a point by
+  at most ``r / 2`` (about 2 ulps of ``M``). Unbounded grids are not snapped.
+  """
+  if not grid.bounded:
+    return None
+  ct = _compute_dtype(dtype)
+  bound = jnp.maximum(jnp.abs(jnp.asarray(grid.lo, ct)),
+                      jnp.abs(jnp.asarray(grid.hi, ct)))
+  _, exponent = jnp.frexp(bound)  # bound = m * 2**exponent, m in [0.5, 1)
+  bits = jnp.finfo(dtype).nmant + 1
+  return jnp.ldexp(jnp.ones((), ct), exponent + 1 - bits)
+
+
+def _grid_value(k: Array, grid: Grid, ct, dtype) -> Array:
+  """Grid point ``k`` computed in ``ct``, snapped, cast to storage ``dtype``."""
+  value = grid.point(_clip_index(k, grid, ct), ct)
+  r = lattice_resolution(grid, dtype)
+  if r is not None:
+    value = jnp.round(value / r) * r
+  return value.astype(dtype)
+
+
+def round_nearest(x: ArrayLike, grid: Grid) -> Array:
+  """Deterministic rounding ``Q_d``: the nearest grid point.
+
+  Ties round up (towards +inf), so on the binary grid ``0`` maps to ``+s``
+  like :func:`sign`. Values outside a bounded grid's range clip to its end
+  points. ``Q_d`` is idempotent: ``round_nearest(round_nearest(x)) ==
+  round_nearest(x)`` bit for bit.
+
+  Args:
+    x: floating-point array of any dtype.
+    grid: the :class:`~qjax.Grid` to round onto.
+
+  Returns:
+    An array of ``x``'s shape and dtype whose entries are grid points.
+
+  Example:
+    >>> round_nearest(jnp.array([0.26, -3.0]), Grid.uniform(0.5, lo=-1., hi=1.))
+    Array([ 0.5, -1. ], dtype=float32)
+  """
+  x = _as_float(x, "round_nearest")
+  ct = _compute_dtype(x.dtype)
+  k = jnp.floor(_grid_index(x, grid, ct) + 0.5)
+  return _grid_value(k, grid, ct, x.dtype)
+
+
+def round_stochastic(key: Array, x: ArrayLike, grid: Grid) -> Array:
+  """Stochastic rounding ``Q_s`` (Li et al. 2017, Eq. 3).
+
+  With ``x`` between neighbouring points ``a <= x < a + Δ``, returns
+  ``a + Δ`` with probability ``(x - a) / Δ`` and ``a`` otherwise, so
+  ``E[Q_s(x)] = x`` and ``Var[Q_s(x)] = Δ² p (1 - p)`` inside the range.
+  Every element draws its own uniform variate (23 random bits in float32, 52
+  in float64); values outside a bounded range clip to the end points.
+
+  Args:
+    key: a ``jax.random`` key; the same key gives bit-identical results.
+    x: floating-point array of any dtype.
+    grid: the :class:`~qjax.Grid` to round onto.
+
+  Returns:
+    An array of ``x``'s shape and dtype whose entries are grid points.
+  """
+  if key is None:
+    raise ValueError(
+        "round_stochastic needs a jax.random key; got key=None. Pass e.g. "
+        "jax.random.key(0).")
+  x = _as_float(x, "round_stochastic")
+  ct = _compute_dtype(x.dtype)
+  t = _grid_index(x, grid, ct)
+  k = jnp.floor(t)
+  up = jax.random.uniform(key, x.shape, ct) < (t - k)
+  return _grid_value(k + up.astype(ct), grid, ct, x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Binarization and scales.
+# ----------------------------------------------------------------------------
+
+
+def sign(x: ArrayLike, scale: ArrayLike = 1.0) -> Array:
+  """Deterministic binarization ``scale * sign(x)`` with ``sign(0) = +1``."""
+  x = _as_float(x, "sign")
+  scale = jnp.asarray(scale, x.dtype)
+  return jnp.where(x >= 0, scale, -scale).astype(x.dtype)
+
+
+def stochastic_binarize(key: Array, x: ArrayLike,
+                        scale: ArrayLike = 1.0) -> Array:
+  """BinaryConnect's stochastic binarization (Courbariaux et al. 2015).
+
+  Returns ``+scale`` with probability ``hard_sigmoid(x / scale) =
+  clip((x / scale + 1) / 2, 0, 1)`` and ``-scale`` otherwise. This is exactly
+  :func:`round_stochastic` on ``Grid.binary(scale)``.
+  """
+  return round_stochastic(key, x, Grid.binary(scale))
+
+
+def glorot_scale(shape: tuple[int, ...]) -> float:
+  """BinaryConnect's per-layer binary scale ``H = sqrt(1.5 / (fan_in + fan_out))``.
+
+  For a Flax kernel the last axis is the output: dense ``(in, out)`` has
+  ``fan_in = in``; a conv kernel ``(h, w, in, out)`` has ``fan_in = h w in``
+  and ``fan_out = h w out`` (as in BinaryConnect's Lasagne code).
+  """
+  if len(shape) < 2:
+    raise ValueError(
+        f"glorot_scale needs a kernel of rank >= 2; got shape={shape}.")
+  receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+  fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+  return float(np.sqrt(1.5 / (fan_in + fan_out)))
+
+
+def mean_abs_scale(w: ArrayLike, axis: int = -1) -> Array:
+  """Per-output-channel ``mean |w|`` (XNOR-Net / BWN), broadcastable to ``w``.
+
+  Args:
+    w: a kernel.
+    axis: the output-channel axis (Flax kernels: the last).
+  """
+  w = _as_float(w, "mean_abs_scale")
+  axis = axis % w.ndim
+  others = tuple(a for a in range(w.ndim) if a != axis)
+  return jnp.mean(jnp.abs(w), axis=others, keepdims=True)
+
+
+# ----------------------------------------------------------------------------
+# Straight-through estimators.
+# ----------------------------------------------------------------------------
+
+
+def straight_through_value(x: Array, q: Array,
+                           clip: ArrayLike | None = None) -> Array:
+  """Returns ``q`` exactly in the forward pass with the gradient of ``x``.
+
+  ``x - stop_gradient(x)`` is exactly zero for finite ``x``, so the value is
+  ``q`` bit for bit (unlike ``x + stop_gradient(q - x)``). With ``clip``, the
+  gradient is zeroed where ``|x| > clip`` (BinaryConnect's clipped STE).
+  """
+  zero = x - lax.stop_gradient(x)
+  if clip is not None:
+    zero = zero * lax.stop_gradient(jnp.abs(x) <= clip).astype(x.dtype)
+  return zero + lax.stop_gradient(q).astype(x.dtype)
+
+
+def straight_through(quantizer: Callable[..., Array],
+                     clip: ArrayLike | None = None) -> Callable[..., Array]:
+  """Wraps any quantizer ``f(x, *args)`` so that its gradient is the identity.
+
+  The wrapped function returns ``f(x, *args)`` exactly; its derivative with
+  respect to ``x`` is 1 (or ``1{|x| <= clip}`` when ``clip`` is given). For a
+  stochastic quantizer the key comes first: pass ``key`` as a keyword.
+
+  Example:
+    >>> ste_sign = straight_through(sign)
+    >>> jax.grad(lambda w: ste_sign(w).sum())(jnp.array([0.3, -2.0]))
+    Array([1., 1.], dtype=float32)
+  """
+  def quantize_with_ste(x, *args, **kwargs):
+    x = jnp.asarray(x)
+    if "key" in kwargs:
+      q = quantizer(kwargs.pop("key"), x, *args, **kwargs)
+    else:
+      q = quantizer(x, *args, **kwargs)
+    return straight_through_value(x, q, clip)
+  return quantize_with_ste
+
+
+# ----------------------------------------------------------------------------
+# Masks and tree-level quantization.
+# ----------------------------------------------------------------------------
+
+
+def path_names(path) -> tuple[str, ...]:
+  """``(('params', 'Conv_0', 'kernel'))``-style names of a tree path."""
+  names = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+    else:  # pragma: no cover
+      names.append(str(entry))
+  return tuple(names)
+
+
+def all_kernels(path: tuple[str, ...], leaf) -> bool:
+  """Mask predicate: every weight matrix/tensor named ``kernel``."""
+  return bool(path) and path[-1] == "kernel"
+
+
+def conv_kernels(path: tuple[str, ...], leaf) -> bool:
+  """Mask predicate: convolution kernels only (rank >= 3), as in the paper."""
+  return all_kernels(path, leaf) and jnp.ndim(leaf) >= 3
+
+
+def all_floats(path: tuple[str, ...], leaf) -> bool:
+  """Mask predicate: every floating-point leaf."""
+  del path
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+def resolve_mask(mask, params: PyTree) -> PyTree:
+  """Turns ``mask`` into a tree of Python bools shaped like ``params``.
+
+  Args:
+    mask: ``None`` (every floating-point leaf), a predicate
+      ``(path_names, leaf) -> bool`` such as :func:`conv_kernels`, or a tree of
+      bools with exactly the structure of ``params``.
+    params: the parameter tree.
+
+  Raises:
+    ValueError: if a mask tree's structure differs from ``params``.
+  """
+  if mask is None:
+    mask = all_floats
+  if callable(mask):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, leaf: bool(mask(path_names(p), leaf)), params)
+  params_def = jax.tree_util.tree_structure(params)
+  mask_def = jax.tree_util.tree_structure(mask)
+  if params_def != mask_def:
+    raise ValueError(
+        "mask must be a predicate (path, leaf) -> bool or a tree of bools with "
+        f"the same structure as the parameters.\n  mask tree:   {mask_def}\n"
+        f"  params tree: {params_def}\nBuild it with qjax.resolve_mask("
+        "predicate, params) or jax.tree.map(lambda _: True, params).")
+  return mask
+
+
+def resolve_grids(grid, params: PyTree, mask: PyTree) -> PyTree:
+  """A tree like ``params`` holding each masked leaf's Grid (None elsewhere).
+
+  Args:
+    grid: a :class:`Grid` shared by every masked leaf, or a callable
+      ``(path_names, leaf) -> Grid`` (e.g. :func:`glorot_binary_grid`).
+    params: the parameter tree (arrays or shape structs).
+    mask: a resolved boolean mask tree (see :func:`resolve_mask`).
+  """
+  if isinstance(grid, Grid):
+    make = lambda path, leaf: grid
+  elif callable(grid):
+    make = grid
+  else:
+    raise TypeError(
+        f"grid must be a qjax.Grid or a callable (path, leaf) -> Grid; got "
+        f"{type(grid).__name__}.")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, leaf, m: make(path_names(p), leaf) if m else None,
+      params, mask)
+
+
+def glorot_binary_grid(path: tuple[str, ...], leaf) -> Grid:
+  """Per-leaf binary grid ``{-H, +H}`` with BinaryConnect's Glorot scale H."""
+  del path
+  return Grid.binary(glorot_scale(tuple(jnp.shape(leaf))))
+
+
+def _map_masked(fn, params, mask, grids, key):
+  """Applies ``fn(key_or_None, leaf, grid)`` to masked leaves only."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  masks = treedef.flatten_up_to(mask)
+  grid_leaves = treedef.flatten_up_to(grids)
+  keys = ([None] * len(leaves) if key is None
+          else list(jax.random.split(key, len(leaves))))
+  out = [fn(k, leaf, g) if m else leaf
+         for k, leaf, m, g in zip(keys, leaves, masks, grid_leaves)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def quantize(params: PyTree, quantizer: Callable[..., Array] = round_nearest,
+             mask=None, *, grid=None, key: Array | None = None,
+             clip: ArrayLike | None = None) -> PyTree:
+  """The forward-pass view of ``params`` with masked leaves quantized (STE).
+
+  Each selected leaf ``w`` becomes ``quantizer(w, grid)`` (or
+  ``quantizer(w)`` when ``grid`` is None; with ``key``, the quantizer is
+  stochastic and is called as ``quantizer(leaf_key, w[, grid])``). Gradients
+  pass straight through: identity, or zero where ``|w| > clip``. This is
+  BinaryConnect's forward pass ``g(Q(w_r))`` (Li et al. 2017, Eq. 5).
+
+  Args:
+    params: parameter tree.
+    quantizer: e.g. :func:`round_nearest`, :func:`round_stochastic`,
+      :func:`sign`.
+    mask: which leaves to quantize (see :func:`resolve_mask`).
+    grid: a Grid, or ``(path, leaf) -> Grid``, passed to the quantizer.
+    key: for stochastic quantizers; split into one key per leaf.
+    clip: optional STE clip.
+
+  Returns:
+    A tree like ``params``.
+
+  Example:
+    >>> view = quantize(params, round_nearest, conv_kernels,
+    ...                 grid=Grid.binary())
+  """
+  mask = resolve_mask(mask, params)
+  grids = (jax.tree.map(lambda _: None, params) if grid is None
+           else resolve_grids(grid, params, mask))
+
+  def quantize_leaf(k, w, g):
+    args = () if g is None else (g,)
+    q = quantizer(w, *args) if k is None else quantizer(k, w, *args)
+    return straight_through_value(w, q, clip)
+
+  return _map_masked(quantize_leaf, params, mask, grids, key)
+
