@@ -132,27 +132,16 @@ class Grid:
     return cls(step=2.0 * scale / (levels - 1), offset=-scale, lo=-scale,
                hi=scale)
 
-  def index_bounds(self, dtype=jnp.float32):
-    """Integer-valued ``(k_lo, k_hi)`` of the end points, or ``None``s."""
-    if not self.bounded:
-      return None, None
-    step = jnp.asarray(self.step, dtype)
-    offset = jnp.asarray(self.offset, dtype)
-    k_lo = jnp.round((jnp.asarray(self.lo, dtype) - offset) / step)
-    k_hi = jnp.round((jnp.asarray(self.hi, dtype) - offset) / step)
-    return k_lo, k_hi
-
   def point(self, k, dtype=jnp.float32):
-    """The grid point with integer index ``k`` (given as a float array)."""
-    return (jnp.asarray(self.offset, dtype)
-            + k * jnp.asarray(self.step, dtype))
+    """The ideal grid point ``offset + k * step`` (``k`` a float array)."""
+    return jnp.asarray(self.offset, dtype) + k * jnp.asarray(self.step, dtype)
 
   def num_points(self) -> int | float:
     """How many points a bounded grid has (``math.inf`` if unbounded)."""
     if not self.bounded:
       return math.inf
-    k_lo, k_hi = self.index_bounds()
-    return int(k_hi - k_lo) + 1
+    step = float(self.step)
+    return int(round((float(self.hi) - float(self.lo)) / step)) + 1
 
 
 def contains(x, grid: Grid, dtype=None):

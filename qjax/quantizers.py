@@ -13,7 +13,7 @@ Notation (Li et al. 2017, Sec. 3): ``Q_d`` rounds to the nearest grid point,
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,53 +46,81 @@ def _as_float(x, fn_name: str) -> Array:
   return x
 
 
-def _grid_index(x: Array, grid: Grid, ct) -> Array:
-  """Real-valued grid coordinate ``(x - offset) / step`` in dtype ``ct``."""
+class _Lattice(NamedTuple):
+  """A grid as stored in one dtype: exact ``offset + k * step`` arithmetic."""
+  offset: Array
+  step: Array
+  k_lo: Array | None
+  k_hi: Array | None
+
+
+def lattice_resolution(grid: Grid, dtype) -> Array:
+  """The power of two ``r`` that a grid is snapped to when stored in ``dtype``.
+
+  The grid's offset and step are rounded to multiples of ``r``, so every
+  point ``offset + k * step`` and every difference of two points is a
+  multiple of ``r``; multiples of ``r`` below ``2**b r`` (``b`` the dtype's
+  significand bits) are exactly representable. The points are then computed
+  without rounding (the same bits whether or not XLA fuses the multiply-add
+  into an FMA) and ``p + (q - p) == q``: parameters stay on the grid bit for
+  bit through ``optax.apply_updates``. In floating point that is otherwise
+  false, e.g. ``0.1 + (-0.2 - 0.1) != -0.2`` in float32.
+
+  * Bounded grid, ``M = max(|lo|, |hi|) < 2**e``: ``r = 2**(e + 2 - b)``,
+    exact over the whole range; a point moves by at most ``k r / 2`` (2e-5
+    relative for an 8-bit float32 grid).
+  * Unbounded grid, ``step < 2**e``: ``r = 2**(e - s)`` with
+    ``s = max(b - 8, b // 2)`` (16 in float32), so the step keeps ``s``
+    significant bits (relative change <= 2**-17, 8e-6, in float32) and
+    exactness holds within ``2**(b - s - 1)`` steps of the offset (128 in
+    float32, 8 in bf16). Beyond that, rounding is still onto a grid point,
+    and :func:`qjax.transforms.exact_delta` lands ``apply_updates`` on it
+    whenever a float ``δ`` with ``p + δ == q`` exists (usually, not always).
+    Use a bounded grid when bit-exactness matters everywhere.
+  """
+  ct = _compute_dtype(dtype)
+  bits = jnp.finfo(dtype).nmant + 1
+  if grid.bounded:
+    bound = jnp.maximum(jnp.abs(jnp.asarray(grid.lo, ct)),
+                        jnp.abs(jnp.asarray(grid.hi, ct)))
+    _, exponent = jnp.frexp(bound)  # bound = m * 2**exponent, m in [0.5, 1)
+    return jnp.ldexp(jnp.ones((), ct), exponent + 2 - bits)
+  _, exponent = jnp.frexp(jnp.asarray(grid.step, ct))
+  return jnp.ldexp(jnp.ones((), ct), exponent - max(bits - 8, bits // 2))
+
+
+def _lattice(grid: Grid, ct, dtype) -> _Lattice:
   if not isinstance(grid, Grid):
     raise TypeError(
         f"Expected a qjax.Grid; got {type(grid).__name__}. Build one with "
         "Grid.binary(), Grid.ternary(), Grid.kbit(k) or Grid.uniform(step).")
-  return ((x.astype(ct) - jnp.asarray(grid.offset, ct))
-          / jnp.asarray(grid.step, ct))
-
-
-def _clip_index(k: Array, grid: Grid, ct) -> Array:
-  if not grid.bounded:
-    return k
-  k_lo, k_hi = grid.index_bounds(ct)
-  return jnp.clip(k, k_lo, k_hi)
-
-
-def lattice_resolution(grid: Grid, dtype) -> Array | None:
-  """The power of two that a bounded grid's points are snapped to in ``dtype``.
-
-  With ``M = max(|lo|, |hi|)`` and ``b`` the dtype's significand bits, the
-  resolution is ``r = 2**(floor(log2 M) + 2 - b)``. Every multiple of ``r``
-  in ``[-2M, 2M]`` is exactly representable, so for any two snapped points
-  ``p, q`` both ``q - p`` and ``p + (q - p)`` are exact: parameters stay on the
-  grid bit for bit through ``optax.apply_updates``. The snap moves a point by
-  at most ``r / 2`` (about 2 ulps of ``M``). Unbounded grids are not snapped.
-  """
-  if not grid.bounded:
-    return None
-  ct = _compute_dtype(dtype)
-  bound = jnp.maximum(jnp.abs(jnp.asarray(grid.lo, ct)),
-                      jnp.abs(jnp.asarray(grid.hi, ct)))
-  _, exponent = jnp.frexp(bound)  # bound = m * 2**exponent, m in [0.5, 1)
-  bits = jnp.finfo(dtype).nmant + 1
-  return jnp.ldexp(jnp.ones((), ct), exponent + 1 - bits)
-
-
-def _grid_value(k: Array, grid: Grid, ct, dtype) -> Array:
-  """Grid point ``k`` computed in ``ct``, snapped, cast to storage ``dtype``."""
-  value = grid.point(_clip_index(k, grid, ct), ct)
+  offset = jnp.asarray(grid.offset, ct)
+  step = jnp.asarray(grid.step, ct)
   r = lattice_resolution(grid, dtype)
-  if r is not None:
-    value = jnp.round(value / r) * r
-  return value.astype(dtype)
+  offset = jnp.round(offset / r) * r
+  step = jnp.maximum(jnp.round(step / r), 1.0) * r
+  if not grid.bounded:
+    return _Lattice(offset, step, None, None)
+  k_lo = jnp.round((jnp.asarray(grid.lo, ct) - offset) / step)
+  k_hi = jnp.round((jnp.asarray(grid.hi, ct) - offset) / step)
+  return _Lattice(offset, step, k_lo, k_hi)
 
 
-def round_nearest(x: ArrayLike, grid: Grid) -> Array:
+def _stored_point(k: Array, lat: _Lattice, ct, dtype) -> Array:
+  """Point ``k`` as stored in ``dtype``, returned in ``ct``."""
+  return (lat.offset + k * lat.step).astype(dtype).astype(ct)
+
+
+def _clip_index(k: Array, lat: _Lattice) -> Array:
+  return k if lat.k_lo is None else jnp.clip(k, lat.k_lo, lat.k_hi)
+
+
+def _grid_value(k: Array, lat: _Lattice, ct, dtype) -> Array:
+  """Grid point ``k`` (clipped to the range) in storage ``dtype``."""
+  return _stored_point(_clip_index(k, lat), lat, ct, dtype).astype(dtype)
+
+
+def round_nearest(x: ArrayLike, grid: Grid, dtype=None) -> Array:
   """Deterministic rounding ``Q_d``: the nearest grid point.
 
   Ties round up (towards +inf), so on the binary grid ``0`` maps to ``+s``
@@ -103,21 +131,27 @@ def round_nearest(x: ArrayLike, grid: Grid) -> Array:
   Args:
     x: floating-point array of any dtype.
     grid: the :class:`~qjax.Grid` to round onto.
+    dtype: storage dtype of the result (default ``x.dtype``). Pass it to
+      round a float32 value straight onto a bf16 parameter's grid without an
+      intermediate (biasing) cast.
 
   Returns:
-    An array of ``x``'s shape and dtype whose entries are grid points.
+    An array of ``x``'s shape and ``dtype`` whose entries are grid points.
 
   Example:
     >>> round_nearest(jnp.array([0.26, -3.0]), Grid.uniform(0.5, lo=-1., hi=1.))
     Array([ 0.5, -1. ], dtype=float32)
   """
   x = _as_float(x, "round_nearest")
-  ct = _compute_dtype(x.dtype)
-  k = jnp.floor(_grid_index(x, grid, ct) + 0.5)
-  return _grid_value(k, grid, ct, x.dtype)
+  dtype = jnp.dtype(dtype or x.dtype)
+  ct = jnp.promote_types(_compute_dtype(x.dtype), _compute_dtype(dtype))
+  lat = _lattice(grid, ct, dtype)
+  k = jnp.floor((x.astype(ct) - lat.offset) / lat.step + 0.5)
+  return _grid_value(k, lat, ct, dtype)
 
 
-def round_stochastic(key: Array, x: ArrayLike, grid: Grid) -> Array:
+def round_stochastic(key: Array, x: ArrayLike, grid: Grid,
+                     dtype=None) -> Array:
   """Stochastic rounding ``Q_s`` (Li et al. 2017, Eq. 3).
 
   With ``x`` between neighbouring points ``a <= x < a + Δ``, returns
@@ -130,20 +164,32 @@ def round_stochastic(key: Array, x: ArrayLike, grid: Grid) -> Array:
     key: a ``jax.random`` key; the same key gives bit-identical results.
     x: floating-point array of any dtype.
     grid: the :class:`~qjax.Grid` to round onto.
+    dtype: storage dtype of the result (default ``x.dtype``); the
+      probabilities are computed in float32 (or float64) from ``x`` itself.
 
   Returns:
-    An array of ``x``'s shape and dtype whose entries are grid points.
+    An array of ``x``'s shape and ``dtype`` whose entries are grid points.
   """
   if key is None:
     raise ValueError(
         "round_stochastic needs a jax.random key; got key=None. Pass e.g. "
         "jax.random.key(0).")
   x = _as_float(x, "round_stochastic")
-  ct = _compute_dtype(x.dtype)
-  t = _grid_index(x, grid, ct)
-  k = jnp.floor(t)
-  up = jax.random.uniform(key, x.shape, ct) < (t - k)
-  return _grid_value(k + up.astype(ct), grid, ct, x.dtype)
+  dtype = jnp.dtype(dtype or x.dtype)
+  ct = jnp.promote_types(_compute_dtype(x.dtype), _compute_dtype(dtype))
+  xc = x.astype(ct)
+  lat = _lattice(grid, ct, dtype)
+  k = jnp.floor((xc - lat.offset) / lat.step)
+  # Division may put x one index off near a point: bracket x by the *stored*
+  # neighbours so that stored points are fixed points and the rounding is
+  # unbiased with respect to the points actually stored.
+  k = jnp.where(xc < _stored_point(k, lat, ct, dtype), k - 1, k)
+  k = jnp.where(xc >= _stored_point(k + 1, lat, ct, dtype), k + 1, k)
+  lower = _stored_point(k, lat, ct, dtype)
+  upper = _stored_point(k + 1, lat, ct, dtype)
+  p_up = (xc - lower) / (upper - lower)
+  up = jax.random.uniform(key, x.shape, ct) < p_up
+  return _grid_value(k + up.astype(ct), lat, ct, dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -11,12 +11,10 @@ Each is the *last* link of an optax chain and needs ``params``:
 Every rounding is explicit here: the emitted update ``δ`` is chosen so that
 ``optax.apply_updates`` (which computes ``p + δ`` in the parameter's dtype)
 lands *exactly* on the rounded value. ``p + (q - p)`` need not equal ``q`` in
-floating point (e.g. ``-2.9 + (0.9 - -2.9) != 0.9`` in float32). For bounded
-grids the quantizers snap points to a fixed-point lattice on which that sum is
-exact (:func:`qjax.quantizers.lattice_resolution`); for unbounded grids
-:func:`exact_delta` corrects the difference whenever a float ``δ`` with
-``p + δ == q`` exists, which holds for steps that are small next to ``|q|``
-(always the case for steps of a few Δ) but not for arbitrary jumps.
+floating point (e.g. ``0.1 + (-0.2 - 0.1) != -0.2`` in float32), so the
+quantizers snap grids to a power-of-two lattice on which that sum is exact
+(:func:`qjax.quantizers.lattice_resolution`), and :func:`exact_delta` emits
+``q - p`` with a correction for the cases outside the lattice's exact range.
 """
 
 from __future__ import annotations
@@ -82,7 +80,7 @@ def _rounding_update(updates, params, mask, grid, key, round_fn):
       continue
     ct = jnp.promote_types(quantizers._compute_dtype(p.dtype), u.dtype)
     target = p.astype(ct) + u.astype(ct)
-    q = round_fn(k, target, g)
+    q = round_fn(k, target, g, p.dtype)
     out.append(exact_delta(p, q))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -160,7 +158,7 @@ def nearest_rounding(grid, mask=None) -> optax.GradientTransformationExtraArgs:
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _require_params(params, "nearest_rounding")
-    round_fn = lambda k, x, g: quantizers.round_nearest(x, g)
+    round_fn = lambda k, x, g, dtype: quantizers.round_nearest(x, g, dtype)
     return _rounding_update(updates, params, mask, grid, None, round_fn), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

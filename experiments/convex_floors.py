@@ -1,0 +1,293 @@
+"""Convex error floors of R, SR and BC (Li et al. 2017, Sec. 4).
+
+Claim reproduced: on a strongly convex problem with stochastic gradients,
+SR's excess loss has a floor that (a) does not shrink as the learning rate α
+shrinks, (b) grows roughly linearly with the grid spacing Δ (bound
+``√d Δ G / 2``) and (c) shrinks with a larger batch (smaller G); BC's float
+latent approaches the optimum as α shrinks (quadratic: no floor with an
+unbiased view); R stops moving once ``α |g| < Δ/2``.
+
+Expected result: SR floor-vs-Δ log-log slope near 1 and floor-vs-α slope near
+0; BC (stochastic view) excess-vs-α slope near 1; every R window with
+``α ‖g‖_∞ < Δ/2`` has no move; measured floors under the bounds.
+
+Runtime: full ~5-10 min on 2 shared CPU cores; ``--smoke`` ~30 s.
+
+Command: ``python -m experiments.convex_floors [--out results/convex_floors]
+[--smoke]``.
+
+Runs are :func:`qjax.theory.convex.sweep` (one jitted vmap over Δ × α × seed
+per method), on ridge least squares (d = 16) and on logistic regression on
+two digits classes (d = 65). The floor of a run is its mean excess loss over
+the last quarter of its steps, averaged over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from qjax.theory import convex
+
+VARIANTS = {  # label -> RunConfig overrides
+    "SR": dict(method="sr", optimizer="sgd"),
+    "R": dict(method="r", optimizer="sgd"),
+    "BC (Q_s view)": dict(method="bc", optimizer="sgd", bc_view="stochastic"),
+    "BC (Q_d view)": dict(method="bc", optimizer="sgd", bc_view="nearest"),
+    "FP": dict(method="fp", optimizer="sgd"),
+    "SR-Adam": dict(method="sr", optimizer="adam"),
+    "R-Adam": dict(method="r", optimizer="adam"),
+    "BC-Adam": dict(method="bc", optimizer="adam", bc_view="nearest"),
+}
+
+
+def config(smoke: bool = False) -> dict:
+  """The experiment's settings (``smoke``: a seconds-long variant)."""
+  if smoke:
+    return dict(deltas=[0.02, 0.1], lrs=[0.02, 0.1], adam_lrs=[0.003, 0.01],
+                seeds=[0], num_steps=1000, record_every=50, big_batch=16,
+                variants=["SR", "R", "BC (Q_s view)"], logistic=False,
+                theorem_steps=1000, theorem_t0=50.0)
+  return dict(deltas=[0.01, 0.02, 0.05, 0.1, 0.2], lrs=[0.01, 0.02, 0.05, 0.1],
+              adam_lrs=[0.001, 0.003, 0.01, 0.03], seeds=[0, 1],
+              num_steps=10000, record_every=100, big_batch=16,
+              variants=list(VARIANTS), logistic=True, theorem_steps=20000,
+              theorem_t0=50.0)
+
+
+def _floor(excess):
+  """Mean over the last quarter of records, then over seeds: ``[Δ, α]``."""
+  q = max(1, excess.shape[-1] // 4)
+  return excess[..., -q:].mean(-1).mean(-1)
+
+
+def _slope(x, y):
+  ok = (np.asarray(y) > 0)
+  return float(np.polyfit(np.log(np.asarray(x)[ok]), np.log(np.asarray(y)[ok]),
+                          1)[0])
+
+
+def _sweep_problem(problem, cfg, labels, batch_size=1):
+  out = {}
+  for label in labels:
+    over = VARIANTS[label]
+    lrs = cfg["adam_lrs"] if over["optimizer"] == "adam" else cfg["lrs"]
+    rc = convex.RunConfig(num_steps=cfg["num_steps"],
+                          record_every=cfg["record_every"],
+                          batch_size=batch_size, **over)
+    t0 = time.time()
+    res = convex.sweep(problem, rc, cfg["deltas"], lrs, cfg["seeds"])
+    G = np.sqrt(res["sq_grad"].max(axis=(-1, -2)))  # [Δ, α]
+    out[label] = {
+        "lrs": list(map(float, lrs)),
+        "floor": _floor(res["excess"]),
+        "floor_quantized": _floor(res["excess_quantized"]),
+        "G": G,
+        "curve": res["excess"].mean(2),  # [Δ, α, records]
+        "moved_late": res["moved"][..., res["moved"].shape[-1] // 2:].mean(
+            (-1, -2)),
+        "moved": res["moved"], "max_step_inf": res["max_step_inf"],
+        "seconds": time.time() - t0,
+    }
+  return out
+
+
+def _r_frozen_check(r, deltas):
+  """R never moves in a window where ``α_t ‖g_t‖_∞ < Δ/2`` at every step."""
+  d = np.asarray(deltas)[:, None, None, None]
+  small = r["max_step_inf"] < d / 2
+  return {"windows_small_step": int(small.sum()),
+          "violations": int((r["moved"][small] > 0).sum()),
+          "frozen_late_fraction": float((r["moved_late"] == 0).mean())}
+
+
+def run(cfg: dict) -> dict:
+  """Runs every sweep; returns a JSON-able dict of results and key numbers."""
+  t_start = time.time()
+  ls = convex.least_squares()
+  mu, L = convex.curvature(ls)
+  d, deltas = ls.dim, np.asarray(cfg["deltas"])
+  D0 = float(np.linalg.norm(ls.w_star))
+  res = {"problem": ls.name, "d": d, "mu": mu, "L": L, "L2": 0.0, "D0": D0,
+         "config": cfg}
+  sweeps = _sweep_problem(ls, cfg, cfg["variants"])
+  big = _sweep_problem(ls, cfg, ["SR"], batch_size=cfg["big_batch"])["SR"]
+  steps = np.arange(1, cfg["num_steps"] // cfg["record_every"] + 1) * cfg[
+      "record_every"]
+  lrs = np.asarray(cfg["lrs"])
+  sr, bc = sweeps["SR"], sweeps["BC (Q_s view)"]
+  summary = {
+      "sr_floor_vs_delta_slope_per_alpha": [
+          _slope(deltas, sr["floor"][:, j]) for j in range(len(lrs))],
+      "sr_floor_vs_alpha_slope_per_delta": [
+          _slope(lrs, sr["floor"][i]) for i in range(len(deltas))],
+      "bc_qs_excess_vs_alpha_slope_per_delta": [
+          _slope(lrs, bc["floor"][i]) for i in range(len(deltas))],
+      "sr_floor_big_over_small_batch": (big["floor"] / sr["floor"]).tolist(),
+      "sr_floor_over_bound": (sr["floor"] / convex.sr_floor(
+          d, deltas[:, None], sr["G"])).tolist(),
+      "r_frozen": _r_frozen_check(sweeps["R"], deltas),
+  }
+  if "BC (Q_d view)" in sweeps:
+    summary["bc_qd_excess_vs_alpha_slope_per_delta"] = [
+        _slope(lrs, sweeps["BC (Q_d view)"]["floor"][i])
+        for i in range(len(deltas))]
+  # Theorem check: SR with α_t = 1/(μ(t+t0)), averaged iterate, vs the bound.
+  th_cfg = convex.RunConfig(method="sr", num_steps=cfg["theorem_steps"],
+                            record_every=cfg["theorem_steps"] // 50,
+                            schedule="inv_t", t0=cfg["theorem_t0"])
+  th = convex.sweep(ls, th_cfg, deltas, [1.0 / mu], cfg["seeds"])
+  th_G = np.sqrt(th["sq_grad"].max(axis=(1, 2, 3)))
+  th_steps = np.asarray(th["step"][0, 0, 0])
+  th_excess = th["excess_mean"].mean(2)[:, 0]  # [Δ, records]
+  th_bound = np.stack([convex.sr_strongly_convex_bound(
+      th_steps, mu, G, d, dl, t0=cfg["theorem_t0"], D0=D0)
+      for G, dl in zip(th_G, deltas)])
+  summary["theorem_sr_strongly_convex"] = {
+      "final_excess": th_excess[:, -1].tolist(),
+      "final_bound": th_bound[:, -1].tolist(), "G": th_G.tolist(),
+      "holds": bool(np.all(th_excess <= th_bound))}
+  res.update(steps=steps, sweeps=sweeps, big_batch=big, summary=summary,
+             theorem={"steps": th_steps, "excess": th_excess,
+                      "bound": th_bound, "G": th_G})
+  if cfg["logistic"]:
+    lg = convex.logistic_digits()
+    lsw = _sweep_problem(lg, cfg, ["SR", "BC (Q_s view)", "FP"])
+    res["logistic"] = {"name": lg.name, "d": lg.dim,
+                       "L2": convex.hessian_lipschitz(lg),
+                       "mu_L": convex.curvature(lg), "sweeps": lsw}
+    summary["logistic_sr_floor_vs_delta_slope_per_alpha"] = [
+        _slope(deltas, lsw["SR"]["floor"][:, j]) for j in range(len(lrs))]
+    summary["logistic_bc_excess_vs_alpha_slope_per_delta"] = [
+        _slope(lrs, lsw["BC (Q_s view)"]["floor"][i])
+        for i in range(len(deltas))]
+  res["seconds"] = time.time() - t_start
+  return res
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  """Writes the figures; returns their paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cfg, sw = results["config"], results["sweeps"]
+  deltas, lrs, d = np.asarray(cfg["deltas"]), np.asarray(cfg["lrs"]), results[
+      "d"]
+  i_d, j_a = min(2, len(deltas) - 1), min(1, len(lrs) - 1)
+  paths = []
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for label, r in sw.items():
+    ax = axes[1 if "Adam" in label else 0]
+    j = j_a if "Adam" not in label else min(1, len(r["lrs"]) - 1)
+    ax.semilogy(results["steps"], np.maximum(r["curve"][i_d, j], 1e-8),
+                label=f"{label} (α={r['lrs'][j]:g})")
+  for ax in axes:
+    ax.axhline(convex.sr_floor(d, deltas[i_d], sw["SR"]["G"][i_d, j_a]),
+               color="k", ls="--", label="SR floor bound √dΔG/2")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("F(w) - F*")
+    ax.legend(fontsize=7)
+  axes[0].set_title(f"SGD-based, least squares, Δ={deltas[i_d]:g}")
+  axes[1].set_title(f"Adam-based, Δ={deltas[i_d]:g}")
+  paths.append(_save(fig, out_dir, "convex_excess_vs_iterations.png"))
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  ax = axes[0]
+  for label in ("SR", "R", "BC (Q_s view)", "BC (Q_d view)"):
+    if label in sw:
+      ax.loglog(deltas, sw[label]["floor"][:, j_a], "o-", label=label)
+  ax.loglog(deltas, results["big_batch"]["floor"][:, j_a], "s-",
+            label=f"SR, batch {cfg['big_batch']}")
+  ax.loglog(deltas, convex.sr_floor(d, deltas, sw["SR"]["G"][:, j_a]), "k--",
+            label="bound √dΔG/2 (SR)")
+  ax.set_xlabel("Δ")
+  ax.set_ylabel("floor (mean F - F*, last quarter)")
+  ax.set_title(f"floor vs Δ (α={lrs[j_a]:g})")
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for label in ("SR", "R", "BC (Q_s view)", "BC (Q_d view)", "FP"):
+    if label in sw:
+      ax.loglog(lrs, sw[label]["floor"][i_d], "o-", label=label)
+  ax.loglog(lrs, convex.sr_constant_step_bound(
+      cfg["num_steps"] * 0.75, lrs, 0.0, sw["SR"]["G"][i_d], d, deltas[i_d]),
+      "k--", label="SR bound αG²/2 + √dΔG/2")
+  ax.set_xlabel("α")
+  ax.set_title(f"floor vs α (Δ={deltas[i_d]:g})")
+  ax.legend(fontsize=7)
+  paths.append(_save(fig, out_dir, "convex_floor_vs_delta_alpha.png"))
+
+  th = results["theorem"]
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for i, dl in enumerate(deltas):
+    line, = ax.loglog(th["steps"], th["excess"][i], label=f"SR w̄_T, Δ={dl:g}")
+    ax.loglog(th["steps"], th["bound"][i], "--", color=line.get_color())
+  ax.set_xlabel("T")
+  ax.set_ylabel("F(w̄_T) - F*")
+  ax.set_title("SR, α_t = 1/(μ(t+t0)): measured (solid) vs bound (dashed)",
+               fontsize=9)
+  ax.legend(fontsize=7)
+  paths.append(_save(fig, out_dir, "convex_sr_theorem.png"))
+
+  if "logistic" in results:
+    lw = results["logistic"]["sweeps"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for j, a in enumerate(lrs):
+      axes[0].loglog(deltas, lw["SR"]["floor"][:, j], "o-", label=f"SR α={a:g}")
+    axes[0].loglog(deltas, convex.sr_floor(
+        results["logistic"]["d"], deltas, lw["SR"]["G"][:, j_a]), "k--",
+        label="bound √dΔG/2")
+    axes[0].set_xlabel("Δ")
+    axes[0].set_title(f"logistic {results['logistic']['name']}: SR floor")
+    for label in ("SR", "BC (Q_s view)", "FP"):
+      axes[1].loglog(lrs, lw[label]["floor"][i_d], "o-", label=label)
+    axes[1].set_xlabel("α")
+    axes[1].set_title(f"floor vs α (Δ={deltas[i_d]:g})")
+    for ax in axes:
+      ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir, "convex_logistic.png"))
+  return paths
+
+
+def _save(fig, out_dir, name):
+  path = os.path.join(out_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+  return path
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()
+            if k not in ("moved", "max_step_inf", "curve")}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="results/convex_floors")
+  parser.add_argument("--smoke", action="store_true")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  results = run(config(args.smoke))
+  paths = plot(results, args.out)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(_jsonable(results), f, indent=1)
+  print(json.dumps(_jsonable(results["summary"]), indent=1))
+  print(f"wrote {paths} in {results['seconds']:.0f} s")
+  return results
+
+
+if __name__ == "__main__":
+  main()

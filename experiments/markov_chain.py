@@ -1,0 +1,307 @@
+"""SR as a Markov chain: exact vs simulated, the α → 0 limit, mixing times.
+
+Claims reproduced (Li et al. 2017, Sec. 5, Fig. 1 and the 2-D toy):
+
+1. Fig. 1: as α shrinks, the chance that SR leaves a grid point falls in
+   proportion to α while the odds of each direction stay fixed.
+2. The exact transition matrix of SR (1-D double well, Gaussian gradient
+   noise) and the chain simulated with ``qjax.round_stochastic`` agree: the
+   distribution after T steps matches within a TV tolerance derived from the
+   number of chains.
+3. Limit theorem: ``π_α`` converges as α → 0, to ``π_0`` (the generator's
+   null vector) which has full support; the ε-mixing time grows like 1/α.
+4. 2-D toy: histograms of SR iterates do not sharpen as α → 0, while BC's
+   (float latent, gradient at ``Q_s`` of it) concentrate on minimizers.
+
+Expected result: TV(π_α, π_0) → 0; min π_0 > 0; log-log slope of mixing time
+vs α near -1; exact-vs-simulated TV under tolerance; SR 2-D histogram entropy
+roughly constant in α, BC's falling.
+
+Runtime: full ~2-4 min on 2 shared CPU cores; ``--smoke`` ~30 s.
+
+Command: ``python -m experiments.markov_chain [--out results/markov_chain]
+[--smoke]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import quantizers
+from qjax.theory import markov
+
+
+def double_well_grad(x):
+  """``f(x) = x⁴/4 - x²/2 + 0.2 x``: minima near -1.09 and 0.88."""
+  return x ** 3 - x + 0.2
+
+
+def toy2d_grad(w):
+  """``f(w) = Σ (w_i² - 1)²/4 + 0.3 w_0 w_1``: minima near ±(1, -1) (deeper)
+  and ±(1, 1)-ish saddles/shallow wells."""
+  xp = jnp if isinstance(w, jax.Array) else np
+  x, y = w[..., 0], w[..., 1]
+  return xp.stack([x ** 3 - x + 0.3 * y, y ** 3 - y + 0.3 * x], axis=-1)
+
+
+def config(smoke: bool = False) -> dict:
+  if smoke:
+    return dict(delta=0.1, lo=-1.5, hi=1.5, sigma=2.0,
+                alphas=[0.3, 0.1, 0.03], sim_alpha=0.1, num_chains=4000,
+                sim_steps=100, toy_alphas=[0.1, 0.01], toy_chains=1000,
+                toy_steps_alpha=20.0, toy_delta=0.25, toy_sigma=1.0)
+  return dict(delta=0.1, lo=-1.5, hi=1.5, sigma=2.0,
+              alphas=[1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001],
+              sim_alpha=0.1, num_chains=40000, sim_steps=400,
+              toy_alphas=[0.1, 0.03, 0.01], toy_chains=4000,
+              toy_steps_alpha=60.0, toy_delta=0.25, toy_sigma=1.0)
+
+
+def figure1(chain, alphas, x=0.5):
+  """Exact one-step law from ``x``: P(move), P(up | move) for each α."""
+  s = int(np.argmin(np.abs(chain.axis - x)))
+  rows = []
+  for a in alphas:
+    p = markov.transition_matrix(chain, a)[s]
+    up, down = p[s + 1:].sum(), p[:s].sum()
+    rows.append(dict(alpha=a, p_move=1 - p[s], p_up_given_move=up / (up + down)))
+  return dict(x=float(chain.axis[s]), rows=rows)
+
+
+def limit_and_mixing(chain, alphas, eps=0.25):
+  pi0 = markov.limit_stationary(chain)
+  out = []
+  for a in alphas:
+    P = markov.transition_matrix(chain, a)
+    pi = markov.stationary_distribution(P)
+    out.append(dict(alpha=a, tv_to_limit=float(markov.tv_distance(pi, pi0)),
+                    mixing_time=markov.mixing_time(P, eps, pi),
+                    min_pi=float(pi.min())))
+  ts = np.array([r["mixing_time"] for r in out], float)
+  al = np.array(alphas, float)
+  small = al <= 0.1
+  slope = float(np.polyfit(np.log(al[small]), np.log(ts[small]), 1)[0])
+  return dict(pi0=pi0, rows=out, mixing_slope_small_alpha=slope,
+              min_pi0=float(pi0.min()))
+
+
+def exact_vs_simulated(chain, alpha, num_chains, num_steps, seed=0):
+  """Distribution after T steps from the middle state: exact vs simulated."""
+  n = len(chain.axis)
+  P = markov.transition_matrix(chain, alpha)
+  start = np.zeros(n)
+  start[n // 2] = 1
+  exact_T = start @ np.linalg.matrix_power(P, num_steps)
+  final = markov.simulate(chain, alpha, jax.random.key(seed),
+                          np.full(num_chains, n // 2), num_steps)
+  emp = markov.empirical_distribution(final, n)
+  # One step from every state: empirical rows vs exact rows.
+  per = max(200, num_chains // n)
+  init = np.repeat(np.arange(n), per)
+  nxt = markov.simulate(chain, alpha, jax.random.key(seed + 1), init, 1)
+  rows = np.stack([markov.empirical_distribution(nxt[init == i], n)
+                   for i in range(n)])
+  row_tv = markov.tv_distance(rows, P)
+  row_tol = np.array([markov.tv_tolerance(P[i], per, 1e-3 / n)
+                      for i in range(n)])
+  return dict(alpha=alpha, steps=num_steps, chains=num_chains,
+              exact_T=exact_T, simulated_T=emp,
+              tv=float(markov.tv_distance(emp, exact_T)),
+              tol=markov.tv_tolerance(exact_T, num_chains),
+              tv_T_to_pi=float(markov.tv_distance(
+                  exact_T, markov.stationary_distribution(P))),
+              row_tv_max=float(row_tv.max()),
+              row_tv_over_tol_max=float((row_tv / row_tol).max()))
+
+
+def toy2d(cfg, seed=0):
+  """Final 2-D positions of SR and BC chains for each α (vmapped chains)."""
+  chain = markov.make_chain(toy2d_grad, cfg["toy_delta"], -2.0, 2.0, dim=2,
+                            sigma=cfg["toy_sigma"])
+  grid = chain.grid
+  N, out = cfg["toy_chains"], {}
+  key = jax.random.key(seed)
+  w0 = jax.random.uniform(key, (N, 2), minval=-2.0, maxval=2.0)
+  for a in cfg["toy_alphas"]:
+    T = int(cfg["toy_steps_alpha"] / a)
+    S = len(chain.states)
+    init = np.asarray(quantizers.round_nearest(w0, grid))
+    idx = np.round((init - chain.lo) / chain.delta).astype(int)
+    sr = markov.simulate(chain, a, jax.random.fold_in(key, 1),
+                         idx[:, 0] * len(chain.axis) + idx[:, 1], T)
+    sr_hist = markov.empirical_distribution(sr, S)
+    bc_final = _bc_run(chain, a, jax.random.fold_in(key, 2), w0, T)
+    bq = np.asarray(quantizers.round_nearest(bc_final, grid))
+    bidx = np.round((bq - chain.lo) / chain.delta).astype(int)
+    bc_hist = markov.empirical_distribution(
+        bidx[:, 0] * len(chain.axis) + bidx[:, 1], S)
+    out[a] = dict(steps=T, sr=sr_hist, bc=bc_hist,
+                  sr_entropy=_entropy(sr_hist), bc_entropy=_entropy(bc_hist))
+  P = markov.transition_matrix(chain, min(cfg["toy_alphas"]))
+  return dict(chain=chain, runs=out,
+              exact_pi_small_alpha=markov.stationary_distribution(P))
+
+
+def _entropy(p):
+  p = p[p > 0]
+  return float(-(p * np.log(p)).sum())
+
+
+def _bc_run(chain, alpha, key, w0, num_steps):
+  """BC on the float latent: ``w_r ← clip(w_r - α(∇f(Q_s(w_r)) + σξ))``."""
+  grid = chain.grid
+
+  @jax.jit
+  def go(key, w):
+    def body(t, w):
+      k1, k2 = jax.random.split(jax.random.fold_in(key, t))
+      wb = quantizers.quantize(w, quantizers.round_stochastic, grid=grid,
+                               key=k1)
+      g = toy2d_grad(wb) + chain.sigma * jax.random.normal(k2, w.shape)
+      return jnp.clip(w - alpha * g, chain.lo, chain.hi)
+    return jax.lax.fori_loop(0, num_steps, body, w)
+  return go(key, w0)
+
+
+def run(cfg: dict) -> dict:
+  t0 = time.time()
+  chain = markov.make_chain(double_well_grad, cfg["delta"], cfg["lo"],
+                            cfg["hi"], sigma=cfg["sigma"])
+  res = dict(config=cfg, axis=chain.axis,
+             figure1=figure1(chain, cfg["alphas"]),
+             limit=limit_and_mixing(chain, cfg["alphas"]),
+             exact_vs_simulated=exact_vs_simulated(
+                 chain, cfg["sim_alpha"], cfg["num_chains"], cfg["sim_steps"]))
+  res["stationary"] = {a: markov.stationary_distribution(
+      markov.transition_matrix(chain, a)) for a in cfg["alphas"]}
+  res["toy2d"] = toy2d(cfg)
+  res["seconds"] = time.time() - t0
+  return res
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  paths = []
+  f1 = results["figure1"]
+  al = np.array([r["alpha"] for r in f1["rows"]])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  axes[0].loglog(al, [r["p_move"] for r in f1["rows"]], "o-", label="P(move)")
+  axes[0].loglog(al, al * f1["rows"][-1]["p_move"] / al[-1], "k--",
+                 label="∝ α")
+  axes[0].set_xlabel("α")
+  axes[0].legend()
+  axes[0].set_title(f"SR from x={f1['x']:.1f}: chance to move")
+  axes[1].semilogx(al, [r["p_up_given_move"] for r in f1["rows"]], "o-")
+  axes[1].set_ylim(0, 1)
+  axes[1].set_xlabel("α")
+  axes[1].set_title("P(up | move): direction odds")
+  paths.append(_save(fig, out_dir, "markov_figure1.png"))
+
+  lim = results["limit"]
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  x = results["axis"]
+  for a, pi in results["stationary"].items():
+    axes[0].plot(x, pi, label=f"π_α, α={a:g}")
+  axes[0].plot(x, lim["pi0"], "k--", label="π_0 (limit)")
+  axes[0].set_xlabel("x")
+  axes[0].legend(fontsize=7)
+  axes[0].set_title("stationary distributions, f'(x)=x³-x+0.2")
+  ra = np.array([r["alpha"] for r in lim["rows"]])
+  axes[1].loglog(ra, [max(r["tv_to_limit"], 1e-16) for r in lim["rows"]],
+                 "o-")
+  axes[1].set_xlabel("α")
+  axes[1].set_title("TV(π_α, π_0)")
+  axes[2].loglog(ra, [r["mixing_time"] for r in lim["rows"]], "o-",
+                 label=f"slope {lim['mixing_slope_small_alpha']:.2f} (α<=0.1)")
+  axes[2].set_xlabel("α")
+  axes[2].set_title("0.25-mixing time")
+  axes[2].legend()
+  paths.append(_save(fig, out_dir, "markov_limit_mixing.png"))
+
+  ev = results["exact_vs_simulated"]
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  ax.bar(x, ev["simulated_T"], width=0.08, alpha=0.5, label="simulated")
+  ax.plot(x, ev["exact_T"], "k.-", label="exact P^T")
+  ax.set_title(f"α={ev['alpha']:g}, T={ev['steps']}: TV={ev['tv']:.4f} "
+               f"(tol {ev['tol']:.4f})", fontsize=9)
+  ax.legend()
+  paths.append(_save(fig, out_dir, "markov_exact_vs_simulated.png"))
+
+  toy = results["toy2d"]
+  runs, n = toy["runs"], len(toy["chain"].axis)
+  fig, axes = plt.subplots(2, len(runs), figsize=(3.3 * len(runs), 6.4))
+  ext = (toy["chain"].lo, toy["chain"].hi) * 2
+  for j, (a, r) in enumerate(runs.items()):
+    for i, m in enumerate(("sr", "bc")):
+      axes[i, j].imshow(r[m].reshape(n, n).T, origin="lower", extent=ext,
+                        cmap="viridis")
+      axes[i, j].set_title(f"{m.upper()}, α={a:g}, H={r[m + '_entropy']:.2f}",
+                           fontsize=9)
+  paths.append(_save(fig, out_dir, "markov_toy2d.png"))
+  return paths
+
+
+def _save(fig, out_dir, name):
+  import matplotlib.pyplot as plt
+  path = os.path.join(out_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path
+
+
+def summary(results: dict) -> dict:
+  lim, ev, toy = (results["limit"], results["exact_vs_simulated"],
+                  results["toy2d"])
+  return {
+      "figure1": results["figure1"],
+      "limit_rows": lim["rows"], "min_pi0": lim["min_pi0"],
+      "mixing_slope_small_alpha": lim["mixing_slope_small_alpha"],
+      "exact_vs_sim": {k: ev[k] for k in ("alpha", "steps", "chains", "tv",
+                                          "tol", "tv_T_to_pi", "row_tv_max",
+                                          "row_tv_over_tol_max")},
+      "toy2d_entropy": {str(a): {"sr": r["sr_entropy"], "bc": r["bc_entropy"],
+                                 "steps": r["steps"]}
+                        for a, r in toy["runs"].items()},
+      "seconds": results["seconds"],
+  }
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items() if k != "chain"}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="results/markov_chain")
+  parser.add_argument("--smoke", action="store_true")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  results = run(config(args.smoke))
+  paths = plot(results, args.out)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(_jsonable(results), f, indent=1)
+  print(json.dumps(_jsonable(summary(results)), indent=1))
+  print(f"wrote {paths} in {results['seconds']:.0f} s")
+  return results
+
+
+if __name__ == "__main__":
+  main()

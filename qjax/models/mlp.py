@@ -1,0 +1,69 @@
+"""Multilayer perceptron for MNIST-like data, and layer defaults shared by all models.
+
+The shared defaults live here because this is the module every other model module
+can import without cycles:
+
+- BatchNorm uses momentum 0.9 and epsilon 1e-5 (PyTorch's defaults, under which
+  the published models were trained), keeps its running statistics in the
+  ``batch_stats`` collection, and normalizes with them when ``train`` is False.
+- Padding of 3x3 convolutions is explicit ``((1, 1), (1, 1))``: Flax's ``'SAME'``
+  pads a stride-2 3x3 convolution by (0, 1), PyTorch by (1, 1), and the models
+  follow the PyTorch reference implementations.
+- Convolution kernels are He-normal (fan in), suited to ReLU networks.
+
+Quantization masks find weights by name and rank: every convolution stores a 4-D
+``kernel`` (HWIO) and every dense layer a 2-D ``kernel``. Biases and BatchNorm
+parameters are 1-D.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+PAD_1 = ((1, 1), (1, 1))
+conv_init = nn.initializers.he_normal()
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm with the shared defaults; batch statistics only when training."""
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPSILON,
+      name=name,
+  )
+
+
+class MLP(nn.Module):
+  """Fully connected classifier: flatten, then (Dense, BatchNorm, ReLU) per hidden layer.
+
+  The default is BinaryConnect's permutation-invariant MNIST network (Courbariaux
+  et al. 2015): three hidden layers of 1024 units with BatchNorm. The output layer
+  is a plain Dense layer returning logits.
+
+  Attributes:
+    num_classes: number of output logits.
+    features: hidden layer sizes.
+    use_bn: insert BatchNorm between each hidden Dense layer and its ReLU.
+
+  Example:
+    >>> model = MLP(num_classes=10, features=(256, 256))
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  """
+
+  num_classes: int = 10
+  features: Sequence[int] = (1024, 1024, 1024)
+  use_bn: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = x.reshape((x.shape[0], -1))
+    for width in self.features:
+      x = nn.Dense(width)(x)
+      if self.use_bn:
+        x = batch_norm(train)(x)
+      x = nn.relu(x)
+    return nn.Dense(self.num_classes)(x)

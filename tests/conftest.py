@@ -1,0 +1,31 @@
+"""Shared test configuration: warnings are errors (pyproject), explicit keys."""
+
+import os
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+# Float64 stays off, as for users; tests that need it enable it locally.
+jax.config.update("jax_enable_x64", False)
+
+
+@pytest.fixture
+def seed(request) -> int:
+  """A seed derived from the test name, shown in the test id on failure."""
+  return zlib.crc32(request.node.name.encode()) % (2**31)
+
+
+@pytest.fixture
+def key(seed):
+  return jax.random.key(seed)
+
+
+@pytest.fixture
+def rng(seed):
+  return np.random.default_rng(seed)
+
+
+def pytest_report_header(config):
+  return f"jax {jax.__version__}, devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"

@@ -1,0 +1,183 @@
+"""Q_d and Q_s: statistical unbiasedness, grid membership, STE, masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax import Grid
+
+
+def _five_sigma_mean(delta, p, n):
+  return 5.0 * delta * np.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("frac", [0.05, 0.2, 0.37, 0.5, 0.81, 0.95])
+def test_stochastic_rounding_is_unbiased_with_right_variance(dtype, frac, key):
+  """E[Q_s(x)] = x and Var = Δ² p (1 - p), within 5-sigma bounds."""
+  n, delta = 200_000, 0.25
+  grid = Grid.uniform(delta, lo=-2.0, hi=2.0)
+  x = jnp.asarray(0.5 + frac * delta, dtype)
+  p = (float(x.astype(jnp.float32)) - 0.5) / delta  # frac as stored in dtype
+  draws = qjax.round_stochastic(key, jnp.full((n,), x), grid)
+  assert draws.dtype == dtype
+  d = np.asarray(draws.astype(jnp.float32), np.float64)
+  assert set(np.unique(d)) <= {0.5, 0.75}
+  assert abs(d.mean() - float(x.astype(jnp.float32))) < _five_sigma_mean(
+      delta, p, n)
+  var_se = delta**2 * (np.sqrt(p * (1 - p)) * abs(1 - 2 * p) + 1 / np.sqrt(n))
+  assert abs(d.var() - delta**2 * p * (1 - p)) < 5 * var_se / np.sqrt(n)
+
+
+def test_fine_fractions_are_not_truncated(key):
+  """A library drawing only 8 random bits cannot round up w.p. 1e-3 right."""
+  n, delta, p = 2_000_000, 1.0, 1e-3
+  x = jnp.full((n,), p, jnp.float32)
+  d = np.asarray(qjax.round_stochastic(key, x, Grid.uniform(delta)))
+  assert abs(d.mean() - p) < _five_sigma_mean(delta, p, n)
+
+
+def test_noise_is_independent_per_element(key):
+  """Neighbouring elements of one array round independently (no shared axis)."""
+  n = 20_000
+  x = jnp.full((n, 2, 3), 0.5, jnp.float32)
+  d = np.asarray(qjax.round_stochastic(key, x, Grid.binary(1.0))).reshape(n, 6)
+  corr = np.corrcoef(d, rowvar=False)[np.triu_indices(6, 1)]
+  assert np.max(np.abs(corr)) < 5 / np.sqrt(n)
+
+
+@pytest.mark.parametrize("grid", [Grid.binary(0.3), Grid.ternary(1.0),
+                                  Grid.kbit(3, 2.0),
+                                  Grid.uniform(0.1, lo=-1.0, hi=1.0),
+                                  Grid.uniform(0.1)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_outputs_are_grid_points_and_rounding_is_idempotent(grid, dtype, key,
+                                                          rng):
+  x = jnp.asarray(rng.normal(scale=2.0, size=4096), dtype)
+  for q in (qjax.round_nearest(x, grid), qjax.round_stochastic(key, x, grid)):
+    assert q.dtype == dtype and q.shape == x.shape
+    assert bool(jnp.all(qjax.contains(q, grid)))
+    assert bool(jnp.all(qjax.round_nearest(q, grid) == q))
+    assert bool(jnp.all(qjax.round_stochastic(key, q, grid) == q))
+
+
+def test_nearest_rounding_rounds_to_nearest_and_clips():
+  grid = Grid.uniform(0.5, lo=-1.0, hi=1.0)
+  x = jnp.array([-7.0, -1.2, -0.74, -0.26, 0.0, 0.24, 0.25, 0.76, 9.0])
+  np.testing.assert_array_equal(
+      qjax.round_nearest(x, grid),
+      [-1.0, -1.0, -0.5, -0.5, 0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_stochastic_rounding_clips_outside_range(key):
+  grid = Grid.ternary(1.0)
+  q = qjax.round_stochastic(key, jnp.array([-5.0, 5.0] * 100), grid)
+  np.testing.assert_array_equal(q, jnp.array([-1.0, 1.0] * 100))
+
+
+def test_same_key_is_bit_identical_and_other_key_differs(rng):
+  x = jnp.asarray(rng.normal(size=1000), jnp.float32)
+  grid = Grid.uniform(0.1)
+  a = qjax.round_stochastic(jax.random.key(3), x, grid)
+  b = jax.jit(qjax.round_stochastic)(jax.random.key(3), x, grid)
+  c = qjax.round_stochastic(jax.random.key(4), x, grid)
+  assert bool(jnp.all(a == b)) and not bool(jnp.all(a == c))
+
+
+def test_sign_maps_zero_to_plus_scale():
+  np.testing.assert_array_equal(qjax.sign(jnp.array([-0.1, 0.0, 2.0]), 0.5),
+                                [-0.5, 0.5, 0.5])
+  np.testing.assert_array_equal(
+      qjax.round_nearest(jnp.array([-0.1, 0.0, 2.0]), Grid.binary(0.5)),
+      [-0.5, 0.5, 0.5])
+
+
+def test_stochastic_binarize_follows_hard_sigmoid(key):
+  n, scale = 100_000, 2.0
+  w = jnp.array([-3.0, -1.0, 0.0, 0.5, 1.5, 4.0])
+  draws = jax.vmap(lambda k: qjax.stochastic_binarize(k, w, scale))(
+      jax.random.split(key, n))
+  p_plus = np.asarray((draws > 0).mean(0))
+  expected = np.clip((np.asarray(w) / scale + 1) / 2, 0, 1)
+  tol = 5 * np.sqrt(expected * (1 - expected) / n) + 1e-12
+  assert np.all(np.abs(p_plus - expected) <= tol)
+
+
+def test_scales():
+  assert qjax.glorot_scale((100, 50)) == pytest.approx(np.sqrt(1.5 / 150))
+  assert qjax.glorot_scale((3, 3, 16, 32)) == pytest.approx(
+      np.sqrt(1.5 / (9 * 16 + 9 * 32)))
+  w = jnp.arange(24.0).reshape(2, 3, 4) - 12
+  s = qjax.mean_abs_scale(w)
+  assert s.shape == (1, 1, 4)
+  np.testing.assert_allclose(s[0, 0], np.abs(np.asarray(w)).mean((0, 1)))
+  with pytest.raises(ValueError, match="rank >= 2"):
+    qjax.glorot_scale((5,))
+
+
+def test_straight_through_value_is_exact_and_gradient_identity(rng):
+  grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
+  x = jnp.asarray(rng.uniform(-2, 2, 512), jnp.float32)
+  ste = qjax.straight_through(qjax.round_nearest)
+  assert bool(jnp.all(ste(x, grid) == qjax.round_nearest(x, grid)))
+  g = jax.grad(lambda v: jnp.sum(ste(v, grid) * 3.0))(x)
+  np.testing.assert_array_equal(g, jnp.full_like(x, 3.0))
+  clipped = qjax.straight_through(qjax.round_nearest, clip=1.0)
+  g = jax.grad(lambda v: jnp.sum(clipped(v, grid)))(x)
+  np.testing.assert_array_equal(g, (jnp.abs(x) <= 1.0).astype(jnp.float32))
+
+
+def test_straight_through_stochastic_takes_key(key):
+  ste = qjax.straight_through(qjax.round_stochastic)
+  x = jnp.linspace(-1, 1, 64)
+  q = ste(x, Grid.binary(1.0), key=key)
+  assert bool(jnp.all(q == qjax.round_stochastic(key, x, Grid.binary(1.0))))
+
+
+def _params():
+  return {"params": {
+      "Conv_0": {"kernel": jnp.full((3, 3, 1, 4), 0.3), "bias": jnp.zeros(4)},
+      "Dense_0": {"kernel": jnp.full((8, 2), -0.2), "bias": jnp.ones(2)},
+  }}
+
+
+def test_quantize_respects_mask_and_passes_gradients():
+  params = _params()
+  view = qjax.quantize(params, qjax.round_nearest, qjax.conv_kernels,
+                       grid=Grid.binary(1.0))
+  assert bool(jnp.all(view["params"]["Conv_0"]["kernel"] == 1.0))
+  assert bool(jnp.all(view["params"]["Dense_0"]["kernel"] == -0.2))
+  view = qjax.quantize(params, qjax.sign, qjax.all_kernels)
+  assert bool(jnp.all(view["params"]["Dense_0"]["kernel"] == -1.0))
+  assert bool(jnp.all(view["params"]["Dense_0"]["bias"] == 1.0))
+  grads = jax.grad(lambda p: sum(jnp.sum(l) for l in jax.tree.leaves(
+      qjax.quantize(p, qjax.sign, qjax.all_kernels))))(params)
+  assert all(bool(jnp.all(g == 1.0)) for g in jax.tree.leaves(grads))
+
+
+def test_quantize_stochastic_with_per_leaf_keys(key):
+  params = _params()
+  view = qjax.quantize(params, qjax.round_stochastic, qjax.all_kernels,
+                       grid=qjax.glorot_binary_grid, key=key)
+  k = view["params"]["Dense_0"]["kernel"]
+  h = qjax.glorot_scale((8, 2))
+  assert bool(jnp.all(jnp.abs(k) == jnp.float32(h)))
+
+
+def test_mask_with_wrong_structure_is_a_clear_error():
+  params = _params()
+  bad = {"params": {"Conv_0": {"kernel": True}}}
+  with pytest.raises(ValueError, match="same structure as the parameters"):
+    qjax.quantize(params, qjax.sign, bad)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda: qjax.round_stochastic(None, jnp.ones(3), Grid.binary()),
+    lambda: qjax.round_nearest(jnp.ones(3, jnp.int32), Grid.binary()),
+    lambda: qjax.round_nearest(jnp.ones(3), 0.5),
+])
+def test_bad_quantizer_inputs(fn):
+  with pytest.raises((ValueError, TypeError), match="got"):
+    fn()
