@@ -1,0 +1,187 @@
+"""Training: a pure step ``(state, batch) -> (state, metrics)`` for every method.
+
+The step knows nothing about which method it runs: it differentiates the loss
+at ``method.view(params)`` and applies ``method.tx``. Hyperparameters that a
+sweep varies (the learning rate) arrive as arrays in ``hparams``, and the
+method is rebuilt from them inside the traced step, so changing a value never
+recompiles and ``vmap`` over configs just works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from qjax import diagnostics
+from qjax import methods as methods_lib
+from qjax import quantizers
+
+PyTree = Any
+
+MASKS = {"all": quantizers.all_kernels, "conv": quantizers.conv_kernels}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything static about a run: it decides what is compiled.
+
+  Attributes:
+    method: ``"fp"``, ``"bc"``, ``"sr"`` or ``"r"``.
+    optimizer: ``"adam"`` (the paper's -ADAM variants) or ``"sgd"``.
+    mask: which kernels are quantized: ``"all"`` or ``"conv"`` (the paper).
+    batch_size: minibatch size (the paper: 128; "Big" SR: 1024).
+    epochs: number of epochs.
+    lr_decay_epochs: epochs at which the learning rate is divided by 10.
+    steps_per_epoch: set by the engine from the dataset size.
+  """
+  method: str = "bc"
+  optimizer: str = "adam"
+  mask: str = "all"
+  batch_size: int = 128
+  epochs: int = 1
+  lr_decay_epochs: tuple[int, ...] = ()
+  steps_per_epoch: int = 1
+
+  def __post_init__(self):
+    if self.method not in methods_lib.METHODS:
+      raise ValueError(f"method must be one of {methods_lib.METHODS}; got "
+                       f"{self.method!r}.")
+    if self.mask not in MASKS:
+      raise ValueError(f"mask must be one of {tuple(MASKS)}; got "
+                       f"{self.mask!r}.")
+    for name in ("batch_size", "epochs", "steps_per_epoch"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {name}={value!r}.")
+
+
+def learning_rate_schedule(config: TrainConfig, base_lr) -> optax.Schedule:
+  """``base_lr`` divided by 10 at each of ``config.lr_decay_epochs``."""
+  boundaries = {int(e) * config.steps_per_epoch: 0.1
+                for e in config.lr_decay_epochs}
+  return optax.piecewise_constant_schedule(base_lr, boundaries)
+
+
+def build_method(config: TrainConfig, hparams: dict,
+                 key=None) -> methods_lib.Method:
+  """The method for ``config`` with the (possibly traced) ``hparams``."""
+  schedule = learning_rate_schedule(config, hparams["lr"])
+  key = jax.random.PRNGKey(0) if key is None else key
+  return methods_lib.make(config.method, schedule,
+                          optimizer=config.optimizer, mask=MASKS[config.mask],
+                          key=key)
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training; a pytree, so it vmaps."""
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+  init_params: PyTree  # for the sign-change diagnostic
+  key: jax.Array       # raw uint32 key, checkpoint friendly
+
+
+def init_state(model: nn.Module, config: TrainConfig, key: jax.Array,
+               sample_x: jax.Array, hparams: dict) -> TrainState:
+  """Initialises parameters, projects them for the method, builds the state.
+
+  Args:
+    model: a Flax module called as ``model.apply(v, x, train=...)``.
+    config: the static training config.
+    key: a raw ``jax.random.PRNGKey`` for this config (init, SR, shuffles).
+    sample_x: one batch of inputs (only its shape is used).
+    hparams: ``{"lr": array}``.
+  """
+  init_key, sr_key, run_key = jax.random.split(key, 3)
+  variables = model.init(init_key, sample_x, train=False)
+  method = build_method(config, hparams, sr_key)
+  params = method.project(variables["params"])
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=method.tx.init(params), init_params=params, key=run_key)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _forward(model, params, batch_stats, x, train: bool):
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  if train and batch_stats:
+    logits, updates = model.apply(variables, x, train=True,
+                                  mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
+  return model.apply(variables, x, train=train), batch_stats
+
+
+def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
+               batch: tuple[jax.Array, jax.Array], hparams: dict
+               ) -> tuple[TrainState, dict]:
+  """One pure training step, the same for every method.
+
+  Computes the loss at ``method.view(params)`` (the STE view for BC), then
+  ``updates = method.tx.update(grads, opt_state, params)``.
+
+  Returns:
+    The new state and ``{"loss": scalar, "error": scalar}`` on the batch.
+  """
+  x, y = batch
+  method = build_method(config, hparams)
+
+  def loss_fn(params):
+    logits, new_stats = _forward(model, method.view(params), state.batch_stats,
+                                 x, train=True)
+    loss = cross_entropy(logits, y)
+    return loss, (new_stats, jnp.mean(jnp.argmax(logits, -1) != y))
+
+  (loss, (new_stats, error)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=new_stats, opt_state=opt_state)
+  return new_state, {"loss": loss, "error": error}
+
+
+def evaluate(model: nn.Module, config: TrainConfig, state: TrainState,
+             x: jax.Array, y: jax.Array, batch_size: int = 1000) -> dict:
+  """Test loss and error of the method's evaluation view, in batches.
+
+  BC is evaluated on its deterministically quantized latent weights; SR and R
+  on their stored grid weights; FP on its float weights (``Method.eval_mode``).
+  """
+  method = build_method(config, {"lr": jnp.zeros(())})
+  params = method.view(state.params)
+  n = (x.shape[0] // batch_size) * batch_size
+  xs = x[:n].reshape(-1, batch_size, *x.shape[1:])
+  ys = y[:n].reshape(-1, batch_size)
+
+  def body(carry, xy):
+    logits, _ = _forward(model, params, state.batch_stats, xy[0], train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, xy[1]).sum()
+    wrong = jnp.sum(jnp.argmax(logits, -1) != xy[1])
+    return (carry[0] + loss, carry[1] + wrong), None
+
+  (loss, wrong), _ = jax.lax.scan(body, (0.0, 0), (xs, ys))
+  if n < x.shape[0]:  # the remainder, so every example counts
+    logits, _ = _forward(model, params, state.batch_stats, x[n:], train=False)
+    loss += optax.softmax_cross_entropy_with_integer_labels(
+        logits, y[n:]).sum()
+    wrong += jnp.sum(jnp.argmax(logits, -1) != y[n:])
+  return {"test_loss": loss / x.shape[0], "test_error": wrong / x.shape[0]}
+
+
+def sign_flips(config: TrainConfig, state: TrainState) -> dict:
+  """Per quantized layer, the fraction of weights whose sign changed."""
+  return diagnostics.sign_flip_fractions(state.init_params, state.params,
+                                         MASKS[config.mask])
