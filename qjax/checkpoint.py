@@ -38,7 +38,10 @@ def save(directory: str, states, history: list, epoch: int,
   os.makedirs(directory, exist_ok=True)
   if os.path.exists(path):
     shutil.rmtree(path)
-  host = jax.tree.map(np.asarray, states)
+  # Saved as numbered leaves: orbax would store a dataclass as a dict with
+  # sorted keys, losing the field order that unflattening needs.
+  host = {f"leaf_{i:06d}": np.asarray(v)
+          for i, v in enumerate(jax.tree.leaves(states))}
   with ocp.PyTreeCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, _STATE), host)
   tmp = os.path.join(path, _META + ".tmp")
@@ -65,23 +68,16 @@ def restore(directory: str, like):
     meta = json.load(f)
   with ocp.PyTreeCheckpointer() as checkpointer:
     host = checkpointer.restore(os.path.join(path, _STATE))
-  leaves = jax.tree.leaves(host)
-  treedef = jax.tree.structure(like)
-  if len(leaves) != treedef.num_leaves:
+  leaves = [host[k] for k in sorted(host)]
+  like_leaves, treedef = jax.tree.flatten(like)
+  shapes_match = len(leaves) == len(like_leaves) and all(
+      np.shape(v) == np.shape(l) for v, l in zip(leaves, like_leaves))
+  if not shapes_match:
     raise ValueError(
-        f"Checkpoint {path} holds {len(leaves)} arrays but the sweep's state "
-        f"has {treedef.num_leaves}: it was written by a different model or "
-        "method. Use another --out directory or delete the checkpoint.")
+        f"Checkpoint {path} does not match this sweep's state (different "
+        "model, method or number of configs). Use another --out directory or "
+        "delete the checkpoint.")
   states = jax.tree.unflatten(treedef, [
-      np.asarray(v).astype(np.asarray(l).dtype) for v, l in zip(
-          _ordered_leaves(host, like), jax.tree.leaves(like))])
-  return jax.tree.map(jax.numpy.asarray, states), meta["history"], meta["epoch"]
-
-
-def _ordered_leaves(host, like):
-  """Leaves of the restored tree in ``like``'s flattening order."""
-  try:
-    return jax.tree.leaves(jax.tree.unflatten(
-        jax.tree.structure(like), jax.tree.leaves(host)))
-  except ValueError:  # pragma: no cover
-    return jax.tree.leaves(host)
+      jax.numpy.asarray(np.asarray(v).astype(np.asarray(l).dtype))
+      for v, l in zip(leaves, like_leaves)])
+  return states, meta["history"], meta["epoch"]

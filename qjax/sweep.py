@@ -205,8 +205,10 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
       ckpt_lib.save(checkpoint_dir, states, history, epoch + 1)
     if on_epoch is not None:
       on_epoch(record)
+  shards = len({s.device for s in jax.tree.leaves(states)[0]
+                 .addressable_shards})
   final = jax.tree.map(lambda v: np.asarray(v)[:num_real], states)
-  return {"history": history, "final_state": final}
+  return {"history": history, "final_state": final, "devices": shards}
 
 
 def _epoch_record(epoch, train_metrics, evals, num_real, seconds) -> dict:
@@ -274,6 +276,7 @@ def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
       "strategy": dataclasses.asdict(strategy),
       "train_config": dataclasses.asdict(config),
       "history": _merge_histories([r["history"] for r in results]),
+      "devices": max(r["devices"] for r in results),
       "final_state": jax.tree.map(lambda *v: np.concatenate(v),
                                   *[r["final_state"] for r in results]),
   }

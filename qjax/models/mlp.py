@@ -62,7 +62,9 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = x.reshape((x.shape[0], -1))
     for width in self.features:
-      x = nn.Dense(width)(x)
+      # A bias before BatchNorm has zero gradient in exact arithmetic; Adam
+      # would turn its float noise into lr-sized steps, so leave it out.
+      x = nn.Dense(width, use_bias=not self.use_bn)(x)
       if self.use_bn:
         x = batch_norm(train)(x)
       x = nn.relu(x)

@@ -1,0 +1,256 @@
+"""Sweep throughput: C configs in one program against C sequential runs.
+
+Claim checked: training C configs (seeds 0..C-1, one learning rate) of one
+method as a single sweep program (:mod:`qjax.sweep`) is faster than training
+them one after another in the same process, with the strategy the engine
+chooses (:func:`qjax.sweep.choose_strategy`).
+
+Expected result (2 CPU cores): the MLP sweep at least 1.5x the examples/s of
+the sequential runs; the small CNN sweep never slower (at least 1.0x).
+``--strategies all`` also times every (steps x configs) strategy, so that the
+engine's choice is justified by numbers.
+
+What is timed: training steps only (``_Programs.run_epoch`` up to
+``jax.block_until_ready``), after a warm-up epoch that compiles. Initialisation,
+shuffling and evaluation are excluded. The sequential baseline reuses one
+compiled single-config program for every seed and pays no compilation, which
+favours it over 16 calls of :func:`qjax.sweep.train` (each of which compiles).
+An epoch is ``--steps`` batches of 128: the training set is cut to
+``steps * 128`` examples (MNIST from the cache, else synthetic arrays of the
+same shape; throughput does not depend on the pixel values).
+
+Runtime on 2 shared CPU cores with the default steps (MLP 50, CNN 2): the
+MLP takes well under a minute for every strategy; the CNN about 4 min with
+``--strategies auto`` and about 12 min with ``all`` (a CNN step is 1-2 s).
+
+Command: ``python -m benchmarks.sweep_throughput [--configs 16] [--steps N]
+[--models mlp,cnn] [--strategies auto|all] [--repeats 1]
+[--out results/benchmarks/sweep_throughput.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qjax
+from qjax import data as data_lib
+from qjax import models as models_lib
+from qjax import sweep as sweep_lib
+from qjax import train as train_lib
+
+BATCH = 128
+LR = 1e-3
+MODEL_KWARGS = {"mlp": {"features": (256, 256)}, "cnn": {}}
+TARGETS = {"mlp": 1.5, "cnn": 1.0}  # sweep / sequential examples per second
+# A CNN step takes about 1-2 s on 2 shared CPU cores, an MLP step a millisecond.
+DEFAULT_STEPS = {"mlp": 50, "cnn": 2}
+ALL_STRATEGIES = tuple(sweep_lib.Strategy(steps, configs)
+                       for steps in ("scan", "loop")
+                       for configs in ("vmap", "map"))
+
+
+def load_data(num_examples: int) -> tuple[np.ndarray, np.ndarray, str]:
+  """The first ``num_examples`` MNIST training examples, or synthetic ones."""
+  try:
+    ds = data_lib.load("mnist")
+    source = "mnist (cache)"
+  except (data_lib.DatasetNotFoundError, data_lib.DatasetCorruptError):
+    rng = np.random.default_rng(0)
+    ds = data_lib.Dataset(
+        "synthetic", rng.random((num_examples, 28, 28, 1), np.float32),
+        rng.integers(0, 10, num_examples, dtype=np.int32),
+        np.zeros((0, 28, 28, 1), np.float32), np.zeros((0,), np.int32), 10)
+    source = "synthetic (mnist not in cache)"
+  if ds.train_x.shape[0] < num_examples:
+    raise ValueError(f"--steps needs {num_examples} training examples; "
+                     f"{ds.name!r} has {ds.train_x.shape[0]}. Lower --steps.")
+  return ds.train_x[:num_examples], ds.train_y[:num_examples], source
+
+
+def _label(strategy: sweep_lib.Strategy) -> str:
+  return f"{strategy.steps}/{strategy.configs}"
+
+
+class _Runner:
+  """One compiled ``_Programs`` and the inputs to time its epochs on."""
+
+  def __init__(self, model, config, strategy, x, y):
+    self.programs = sweep_lib._Programs(model, config, strategy)  # pylint: disable=protected-access
+    self.x, self.y, self.config = jnp.asarray(x), jnp.asarray(y), config
+    self.shuffle = jax.jit(jax.vmap(lambda k: data_lib.shuffle_batches(
+        k, x.shape[0], config.batch_size)))
+
+  def prepare(self, seeds) -> tuple:
+    """Initial states, hparams and one epoch of batch indices for ``seeds``."""
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    hps = {"lr": jnp.full((len(seeds),), LR, jnp.float32)}
+    states = self.programs.init(keys, self.x[:self.config.batch_size], hps)
+    idx = self.shuffle(states.key)
+    return jax.block_until_ready((states, hps, idx))
+
+  def epoch_seconds(self, states, hps, idx) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(self.programs.run_epoch(states, self.x, self.y, idx,
+                                                  hps))
+    return time.perf_counter() - t0
+
+  def warm_up(self, seeds) -> None:
+    self.epoch_seconds(*self.prepare(seeds))
+
+
+def time_sweep(runner: _Runner, num_configs: int, repeats: int) -> float:
+  """Seconds of the fastest of ``repeats`` epochs of all configs at once."""
+  seeds = list(range(num_configs))
+  runner.warm_up(seeds)
+  inputs = runner.prepare(seeds)
+  return min(runner.epoch_seconds(*inputs) for _ in range(repeats))
+
+
+def time_sequential(runner: _Runner, num_configs: int, repeats: int) -> float:
+  """Seconds of ``num_configs`` one-config epochs, one after another."""
+  runner.warm_up([0])
+  inputs = [runner.prepare([s]) for s in range(num_configs)]
+  return min(sum(runner.epoch_seconds(*i) for i in inputs)
+             for _ in range(repeats))
+
+
+def _row(model_name, kind, strategy, num_configs, steps, seconds,
+         chosen) -> dict:
+  return {"model": model_name, "kind": kind, "strategy": _label(strategy),
+          "chosen": chosen, "configs": num_configs, "steps": steps,
+          "seconds": seconds,
+          "examples_per_s": num_configs * steps * BATCH / seconds}
+
+
+def bench_model(model_name: str, args) -> list[dict]:
+  """Sequential and sweep rows for one model; ratios against sequential."""
+  steps = args.steps or DEFAULT_STEPS[model_name]
+  x, y, source = load_data(steps * BATCH)
+  model = models_lib.get(model_name, 10, **MODEL_KWARGS[model_name])
+  config = train_lib.TrainConfig(method=args.method, optimizer="adam",
+                                 batch_size=BATCH, epochs=1,
+                                 steps_per_epoch=steps)
+  chosen = sweep_lib.choose_strategy(model_name)
+  strategies = ALL_STRATEGIES if args.strategies == "all" else (chosen,)
+  # A single run (qjax.sweep.train) uses the engine's strategy; "all" also
+  # times the other steps mode so the baseline is the fastest single run.
+  seq_strategies = [chosen] + [
+      dataclasses.replace(chosen, steps=s) for s in ("scan", "loop")
+      if args.strategies == "all" and s != chosen.steps]
+  rows = []
+  for strategy in seq_strategies:
+    runner = _Runner(model, config, strategy, x, y)
+    seconds = time_sequential(runner, args.configs, args.repeats)
+    rows.append(_row(model_name, "sequential", strategy, args.configs,
+                     steps, seconds, strategy == chosen))
+    _print_progress(rows[-1])
+  baseline = rows[0]["examples_per_s"]
+  best_sequential = max(r["examples_per_s"] for r in rows)
+  for strategy in strategies:
+    runner = _Runner(model, config, strategy, x, y)
+    seconds = time_sweep(runner, args.configs, args.repeats)
+    rows.append(_row(model_name, "sweep", strategy, args.configs, steps,
+                     seconds, strategy == chosen))
+    _print_progress(rows[-1])
+  target = TARGETS[model_name]
+  for row in rows:
+    row["data"] = source
+    row["ratio"] = row["examples_per_s"] / baseline
+    row["ratio_vs_best_sequential"] = row["examples_per_s"] / best_sequential
+    if row["kind"] == "sweep":
+      row["target"] = target
+      row["pass"] = bool(row["ratio"] >= target)
+  return rows
+
+
+def _print_progress(row: dict) -> None:
+  print(f"  timed {row['model']} {row['kind']} {row['strategy']}: "
+        f"{row['seconds']:.2f} s", flush=True)
+
+
+def format_table(rows: list[dict]) -> str:
+  head = (f"{'model':5} {'kind':10} {'strategy':11} {'configs':>7} "
+          f"{'steps':>5} {'seconds':>8} {'examples/s':>11} {'ratio':>6} "
+          f"{'vs best seq':>11} {'target':>7} result")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    strategy = r["strategy"] + ("*" if r["chosen"] else "")
+    target = f">={r['target']:.1f}x" if "target" in r else "-"
+    result = ("PASS" if r["pass"] else "FAIL") if "pass" in r else "-"
+    lines.append(
+        f"{r['model']:5} {r['kind']:10} {strategy:11} {r['configs']:>7} "
+        f"{r['steps']:>5} {r['seconds']:>8.2f} {r['examples_per_s']:>11.0f} "
+        f"{r['ratio']:>5.2f}x {r['ratio_vs_best_sequential']:>10.2f}x "
+        f"{target:>7} {result}")
+  lines.append("* the engine's choice (qjax.sweep.choose_strategy); ratio is "
+               "against the sequential runs with that strategy.")
+  return "\n".join(lines)
+
+
+def fastest_notes(rows: list[dict]) -> list[str]:
+  """One line per model whose fastest measured sweep is not the engine's."""
+  notes = []
+  for model in dict.fromkeys(r["model"] for r in rows):
+    sweeps = [r for r in rows if r["model"] == model and r["kind"] == "sweep"]
+    best = max(sweeps, key=lambda r: r["examples_per_s"])
+    chosen = next(r for r in sweeps if r["chosen"])
+    if best is not chosen:
+      notes.append(
+          f"{model}: the engine chose {chosen['strategy']} "
+          f"({chosen['examples_per_s']:.0f} examples/s) but {best['strategy']}"
+          f" measured fastest ({best['examples_per_s']:.0f} examples/s, "
+          f"{best['examples_per_s'] / chosen['examples_per_s']:.2f}x).")
+  return notes
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--configs", type=int, default=16)
+  parser.add_argument("--steps", type=int, default=None,
+                      help="training steps (batches of 128) per epoch; "
+                      f"default per model {DEFAULT_STEPS}")
+  parser.add_argument("--models", default="mlp,cnn")
+  parser.add_argument("--strategies", choices=("auto", "all"), default="auto")
+  parser.add_argument("--method", choices=("sr", "bc"), default="sr")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="timed epochs per measurement; the fastest counts")
+  parser.add_argument("--out",
+                      default="results/benchmarks/sweep_throughput.json")
+  args = parser.parse_args(argv)
+  models = [m for m in args.models.split(",") if m]
+  unknown = sorted(set(models) - set(TARGETS))
+  if unknown:
+    raise ValueError(f"--models must be among {sorted(TARGETS)}; got "
+                     f"{unknown}.")
+  rows = []
+  for model_name in models:
+    rows += bench_model(model_name, args)
+  notes = fastest_notes(rows)
+  print(format_table(rows))
+  for note in notes:
+    print("NOTE:", note)
+  result = {
+      "rows": rows, "notes": notes, "batch_size": BATCH,
+      "lr": LR, "method": f"{args.method}-adam", "repeats": args.repeats,
+      "backend": jax.default_backend(), "devices": len(jax.devices()),
+      "cpu_count": os.cpu_count(), "jax": jax.__version__,
+      "qjax": getattr(qjax, "__version__", None),
+      "python": platform.python_version(),
+  }
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""End to end: every method learns a small real dataset (scikit-learn digits)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax import data, models
+from qjax.sweep import Strategy, SweepSpec, sweep
+from qjax.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.load("digits")
+
+
+# R needs Adam steps above half a grid step (H ~ 0.1 here) to move at all.
+LEARNING_RATES = {"fp": 0.01, "bc": 0.01, "sr": 0.01, "r": 0.1}
+
+
+@pytest.mark.parametrize("method", ["fp", "bc", "sr", "r"])
+def test_each_method_learns_digits_with_binary_weights(method, digits):
+  model = models.get("mlp", 10, features=(64,))
+  config = TrainConfig(method=method, optimizer="adam", mask="all",
+                       batch_size=64, epochs=3)
+  out = sweep(model, digits, config,
+              SweepSpec(seeds=(0,), lrs=(LEARNING_RATES[method],)),
+              model_name="mlp", progress=False)
+  error = out["history"][-1]["test_error"][0]
+  assert error < 0.35, f"{method}: test error {error:.3f} (chance is 0.9)"
+  params = jax.tree.map(lambda v: v[0], out["final_state"].params)
+  kernels = {k: v for k, v in qjax.resolve_mask(qjax.all_kernels,
+                                                params).items()}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = qjax.quantizers.path_names(path)
+    if names[-1] != "kernel":
+      continue
+    grid = qjax.glorot_binary_grid(names, leaf)
+    if method in ("sr", "r"):  # stored weights are binary, bit for bit
+      assert bool(jnp.all(qjax.contains(jnp.asarray(leaf), grid)))
+    if method == "bc":  # latent weights inside [-H, H]
+      assert float(jnp.max(jnp.abs(leaf))) <= float(grid.hi) * (1 + 1e-6)
+
+
+def test_r_with_small_steps_never_flips_a_sign(digits):
+  model = models.get("mlp", 10, features=(64,))
+  config = TrainConfig(method="r", batch_size=64, epochs=1)
+  out = sweep(model, digits, config, SweepSpec((0,), (0.01,)),
+              model_name="mlp", progress=False)
+  assert all(v == [0.0] for v in out["history"][-1]["sign_flips"].values())

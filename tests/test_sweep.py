@@ -1,0 +1,145 @@
+"""Sweeps: lane i equals single run i, sharding over 4 devices, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax import data, models
+from qjax.sweep import Strategy, SweepSpec, choose_strategy, sweep, train
+from qjax.train import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+  ds = data.load("digits")
+  return ds._replace(train_x=ds.train_x[:512], train_y=ds.train_y[:512])
+
+
+def _model():
+  return models.get("mlp", 10, features=(32,))
+
+
+@pytest.mark.parametrize("method", ["sr", "bc"])
+@pytest.mark.parametrize("strategy", [Strategy("scan", "vmap"),
+                                      Strategy("loop", "map")])
+def test_lane_i_equals_single_run_i(method, strategy, small_digits):
+  config = TrainConfig(method=method, batch_size=64, epochs=2)
+  spec = SweepSpec(seeds=(0, 1), lrs=(0.01, 0.003))
+  out = sweep(_model(), small_digits, config, spec, strategy=strategy,
+              progress=False)
+  i = 3
+  cfg = out["configs"][i]
+  single = train(_model(), small_digits, config, seed=cfg["seed"],
+                 lr=cfg["lr"], strategy=strategy, progress=False)
+  lane = jax.tree.map(lambda v: v[i], out["final_state"].params)
+  alone = jax.tree.map(lambda v: v[0], single["final_state"].params)
+  for a, b in zip(jax.tree.leaves(lane), jax.tree.leaves(alone)):
+    if method == "sr" and a.ndim == 2:  # grid weights: bit for bit
+      assert np.array_equal(a, b)
+    else:
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(out["history"][-1]["test_error"][i],
+                             single["history"][-1]["test_error"][0], atol=0.01)
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(
+    small_digits, tmp_path):
+  spec = SweepSpec(seeds=(0, 1), lrs=(0.01,))
+  full = sweep(_model(), small_digits, TrainConfig(method="sr", batch_size=64,
+                                                   epochs=3), spec,
+               checkpoint_dir=str(tmp_path / "a"), progress=False)
+  # "Interrupted" after epoch 2: run 2 epochs, then resume to 3.
+  sweep(_model(), small_digits, TrainConfig(method="sr", batch_size=64,
+                                            epochs=2), spec,
+        checkpoint_dir=str(tmp_path / "b"), progress=False)
+  resumed = sweep(_model(), small_digits, TrainConfig(
+      method="sr", batch_size=64, epochs=3), spec,
+                  checkpoint_dir=str(tmp_path / "b"), progress=False)
+  for a, b in zip(jax.tree.leaves(full["final_state"]),
+                  jax.tree.leaves(resumed["final_state"])):
+    assert np.array_equal(a, b)
+  assert full["history"] == [dict(r, seconds=f["seconds"]) for r, f in zip(
+      resumed["history"], full["history"])]
+
+
+def test_chunks_give_the_same_result_as_one_program(small_digits):
+  config = TrainConfig(method="sr", batch_size=64, epochs=1)
+  spec = SweepSpec(seeds=(0, 1, 2), lrs=(0.01,))
+  one = sweep(_model(), small_digits, config, spec, progress=False,
+              strategy=Strategy("loop", "map"))
+  chunked = sweep(_model(), small_digits, config, spec, progress=False,
+                  strategy=Strategy("loop", "map"), max_configs_per_chunk=2)
+  for a, b in zip(jax.tree.leaves(one["final_state"].params),
+                  jax.tree.leaves(chunked["final_state"].params)):
+    assert np.array_equal(a, b)
+
+
+_SHARDED = r"""
+import json, sys
+import jax, numpy as np
+from qjax import data, models
+from qjax.sweep import SweepSpec, Strategy, sweep
+from qjax.train import TrainConfig
+ds = data.load("digits")
+ds = ds._replace(train_x=ds.train_x[:256], train_y=ds.train_y[:256])
+out = sweep(models.get("mlp", 10, features=(16,)), ds,
+            TrainConfig(method="sr", batch_size=64, epochs=1),
+            SweepSpec(seeds=(0, 1, 2), lrs=(0.01,)), progress=False,
+            strategy=Strategy("loop", "map"))
+print(json.dumps({"devices": jax.device_count(), "sharded": out["devices"],
+                  "kernel": np.asarray(out["final_state"].params["Dense_0"]["kernel"]).tolist(),
+                  "error": out["history"][-1]["test_error"]}))
+"""
+
+
+def _run_with_devices(n: int) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sweep_is_sharded_over_four_devices_with_the_same_results():
+  four, one = _run_with_devices(4), _run_with_devices(1)
+  assert four["devices"] == 4 and one["devices"] == 1
+  assert four["sharded"] == 4 and one["sharded"] == 1
+  assert np.array_equal(np.asarray(four["kernel"]), np.asarray(one["kernel"]))
+  assert four["error"] == one["error"]
+
+
+def test_strategy_choice_and_bad_inputs(small_digits):
+  assert choose_strategy("mlp", "cpu") == Strategy("scan", "vmap")
+  assert choose_strategy("cnn", "cpu") == Strategy("loop", "map")
+  assert choose_strategy("cnn", "gpu") == Strategy("scan", "vmap")
+  with pytest.raises(ValueError, match="steps must be"):
+    Strategy("while", "vmap")
+  with pytest.raises(ValueError, match="method must be one of"):
+    TrainConfig(method="xnor")
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+    TrainConfig(batch_size=0)
+  with pytest.raises(ValueError, match="exceeds the 512 training examples"):
+    sweep(_model(), small_digits, TrainConfig(batch_size=1024), SweepSpec(),
+          progress=False)
+
+
+def test_experiment_command_writes_results(tmp_path):
+  from experiments import train as train_cli
+  out = tmp_path / "run"
+  code = train_cli.main(["--smoke", "--methods", "sr,bc", "--no-progress",
+                         "--out", str(out)])
+  assert code == 0
+  payload = json.loads((out / "results.json").read_text())
+  assert payload["environment"]["jax"] == jax.__version__
+  assert [r["label"] for r in payload["runs"]] == ["SR-ADAM", "BC-ADAM"]
+  for name in ("metrics.csv", "curves.png", "table.md"):
+    assert (out / name).stat().st_size > 0
