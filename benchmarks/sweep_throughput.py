@@ -24,7 +24,7 @@ MLP takes well under a minute for every strategy; the CNN about 4 min with
 ``--strategies auto`` and about 12 min with ``all`` (a CNN step is 1-2 s).
 
 Command: ``python -m benchmarks.sweep_throughput [--configs 16] [--steps N]
-[--models mlp,cnn] [--strategies auto|all] [--repeats 1]
+[--models mlp,cnn] [--strategies auto|all] [--repeats R]
 [--out results/benchmarks/sweep_throughput.json]``.
 """
 
@@ -53,6 +53,9 @@ MODEL_KWARGS = {"mlp": {"features": (256, 256)}, "cnn": {}}
 TARGETS = {"mlp": 1.5, "cnn": 1.0}  # sweep / sequential examples per second
 # A CNN step takes about 1-2 s on 2 shared CPU cores, an MLP step a millisecond.
 DEFAULT_STEPS = {"mlp": 50, "cnn": 2}
+# Timed epochs per measurement (the fastest counts): a shared CPU makes one
+# MLP epoch vary by up to 1.7x between runs; a CNN measurement is minutes long.
+DEFAULT_REPEATS = {"mlp": 3, "cnn": 1}
 ALL_STRATEGIES = tuple(sweep_lib.Strategy(steps, configs)
                        for steps in ("scan", "loop")
                        for configs in ("vmap", "map"))
@@ -134,6 +137,7 @@ def _row(model_name, kind, strategy, num_configs, steps, seconds,
 def bench_model(model_name: str, args) -> list[dict]:
   """Sequential and sweep rows for one model; ratios against sequential."""
   steps = args.steps or DEFAULT_STEPS[model_name]
+  repeats = args.repeats or DEFAULT_REPEATS[model_name]
   x, y, source = load_data(steps * BATCH)
   model = models_lib.get(model_name, 10, **MODEL_KWARGS[model_name])
   config = train_lib.TrainConfig(method=args.method, optimizer="adam",
@@ -149,7 +153,7 @@ def bench_model(model_name: str, args) -> list[dict]:
   rows = []
   for strategy in seq_strategies:
     runner = _Runner(model, config, strategy, x, y)
-    seconds = time_sequential(runner, args.configs, args.repeats)
+    seconds = time_sequential(runner, args.configs, repeats)
     rows.append(_row(model_name, "sequential", strategy, args.configs,
                      steps, seconds, strategy == chosen))
     _print_progress(rows[-1])
@@ -157,13 +161,14 @@ def bench_model(model_name: str, args) -> list[dict]:
   best_sequential = max(r["examples_per_s"] for r in rows)
   for strategy in strategies:
     runner = _Runner(model, config, strategy, x, y)
-    seconds = time_sweep(runner, args.configs, args.repeats)
+    seconds = time_sweep(runner, args.configs, repeats)
     rows.append(_row(model_name, "sweep", strategy, args.configs, steps,
                      seconds, strategy == chosen))
     _print_progress(rows[-1])
   target = TARGETS[model_name]
   for row in rows:
     row["data"] = source
+    row["repeats"] = repeats
     row["ratio"] = row["examples_per_s"] / baseline
     row["ratio_vs_best_sequential"] = row["examples_per_s"] / best_sequential
     if row["kind"] == "sweep":
@@ -221,8 +226,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--models", default="mlp,cnn")
   parser.add_argument("--strategies", choices=("auto", "all"), default="auto")
   parser.add_argument("--method", choices=("sr", "bc"), default="sr")
-  parser.add_argument("--repeats", type=int, default=1,
-                      help="timed epochs per measurement; the fastest counts")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="timed epochs per measurement, the fastest counts; "
+                      f"default per model {DEFAULT_REPEATS}")
   parser.add_argument("--out",
                       default="results/benchmarks/sweep_throughput.json")
   args = parser.parse_args(argv)
@@ -240,7 +246,7 @@ def main(argv=None) -> dict:
     print("NOTE:", note)
   result = {
       "rows": rows, "notes": notes, "batch_size": BATCH,
-      "lr": LR, "method": f"{args.method}-adam", "repeats": args.repeats,
+      "lr": LR, "method": f"{args.method}-adam",
       "backend": jax.default_backend(), "devices": len(jax.devices()),
       "cpu_count": os.cpu_count(), "jax": jax.__version__,
       "qjax": getattr(qjax, "__version__", None),

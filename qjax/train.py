@@ -21,6 +21,7 @@ from flax import struct
 from qjax import diagnostics
 from qjax import methods as methods_lib
 from qjax import quantizers
+from qjax.data import batching
 
 PyTree = Any
 
@@ -38,6 +39,8 @@ class TrainConfig:
     batch_size: minibatch size (the paper: 128; "Big" SR: 1024).
     epochs: number of epochs.
     lr_decay_epochs: epochs at which the learning rate is divided by 10.
+    augment: CIFAR-style augmentation (4-pixel pad, random crop, flip) of
+      every training batch, with keys ``fold_in(run_key, step)``.
     steps_per_epoch: set by the engine from the dataset size.
   """
   method: str = "bc"
@@ -46,6 +49,7 @@ class TrainConfig:
   batch_size: int = 128
   epochs: int = 1
   lr_decay_epochs: tuple[int, ...] = ()
+  augment: bool = False
   steps_per_epoch: int = 1
 
   def __post_init__(self):
@@ -136,6 +140,8 @@ def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
     The new state and ``{"loss": scalar, "error": scalar}`` on the batch.
   """
   x, y = batch
+  if config.augment:
+    x = batching.augment_cifar(jax.random.fold_in(state.key, state.step), x)
   method = build_method(config, hparams)
 
   def loss_fn(params):

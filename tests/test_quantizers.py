@@ -181,3 +181,13 @@ def test_mask_with_wrong_structure_is_a_clear_error():
 def test_bad_quantizer_inputs(fn):
   with pytest.raises((ValueError, TypeError), match="got"):
     fn()
+
+
+def test_per_channel_mean_abs_scale_as_a_grid(rng):
+  """XNOR/BWN-style binarization: sign(w) * mean|w| per output channel."""
+  w = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)
+  view = qjax.quantize({"kernel": w}, qjax.round_nearest, qjax.all_kernels,
+                       grid=lambda path, leaf: Grid.binary(
+                           qjax.mean_abs_scale(leaf)))["kernel"]
+  expected = jnp.where(w >= 0, 1.0, -1.0) * qjax.mean_abs_scale(w)
+  np.testing.assert_allclose(view, expected, rtol=1e-6)

@@ -1,0 +1,266 @@
+"""Helpers shared by the paper's experiments (table1, sign_flips, batch_size).
+
+Every experiment module follows one contract:
+
+* ``config(scale) -> dict`` with ``scale`` in ``("smoke", "cpu", "paper")``;
+* ``run(cfg, out_dir=None, progress=False) -> dict`` (JSON-able results);
+* ``plot(results, out_dir) -> list[str]`` (PNG paths);
+* ``main(argv=None) -> int`` (``--scale``, ``--out``, ``--no-progress``).
+
+A config is a plain dict of *experiments*; each experiment names a dataset, a
+model and training settings, and is trained one method at a time with
+:func:`qjax.sweep.sweep` (seeds vmapped or ``lax.map``-ped in one program).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import os
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from qjax import data as data_lib
+from qjax import methods as methods_lib
+from qjax import models
+from qjax import results as results_lib
+from qjax import sweep as sweep_lib
+from qjax.train import TrainConfig
+
+SCALES = ("smoke", "cpu", "paper")
+LABELS = {"fp": "ADAM", "bc": "BC-ADAM", "sr": "SR-ADAM", "r": "R-ADAM"}
+
+# Datasets the in-memory engine cannot train on, and why. qjax.sweep takes
+# whole in-memory arrays; ImageNet (about 150 GB decoded) needs a streaming
+# input pipeline, which qjax.data.tfds_batches provides but qjax.sweep does
+# not accept.
+STREAMING_ONLY = {"imagenet2012"}
+
+
+class UnsupportedExperimentError(RuntimeError):
+  """An experiment's config exists but this engine cannot run it."""
+
+
+def check_scale(scale: str) -> None:
+  if scale not in SCALES:
+    raise ValueError(f"scale must be one of {SCALES}; got scale={scale!r}.")
+
+
+def check_supported(experiments: list[dict]) -> None:
+  """Raises before any training if an experiment needs a streaming pipeline."""
+  bad = [e for e in experiments if e["dataset"] in STREAMING_ONLY]
+  if not bad:
+    return
+  names = ", ".join(e["name"] for e in bad)
+  raise UnsupportedExperimentError(
+      f"cannot run {names}: the dataset {bad[0]['dataset']!r} (ImageNet "
+      "through TFDS, ~1.28M images) does not fit qjax.sweep, which trains on "
+      "whole in-memory arrays. Missing: a streaming training loop in qjax "
+      "(qjax.data.tfds_batches streams batches, but qjax.sweep.sweep accepts "
+      "only an in-memory Dataset) and the prepared TFDS dataset "
+      "'imagenet2012' (ArrayRecord, `pip install qjax[tfds]`, manual "
+      "download). Run the other experiments with --only, e.g. --only "
+      "cifar10/vgg9,cifar100/resnet56.")
+
+
+def select(cfg: dict, names) -> dict:
+  """``cfg`` keeping only the experiments whose name is in ``names``."""
+  names = list(names)
+  known = [e["name"] for e in cfg["experiments"]]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"unknown experiment(s) {unknown}; known: {known}.")
+  return {**cfg, "experiments": [e for e in cfg["experiments"]
+                                 if e["name"] in names]}
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str) -> data_lib.Dataset:
+  return data_lib.load(name)
+
+
+def load_dataset(name: str, train_subset: int | None = None,
+                 test_subset: int | None = None,
+                 normalize: bool = False) -> data_lib.Dataset:
+  """Loads ``name`` (read once per process), optionally subset, normalized.
+
+  ``train_subset`` / ``test_subset`` keep the first N examples of a split.
+  ``normalize`` standardizes each channel with the training set's mean and
+  std, as for CIFAR in the paper.
+  """
+  ds = _load(name)
+  if train_subset:
+    ds = ds._replace(train_x=ds.train_x[:train_subset],
+                     train_y=ds.train_y[:train_subset])
+  if test_subset:
+    ds = ds._replace(test_x=ds.test_x[:test_subset],
+                     test_y=ds.test_y[:test_subset])
+  if normalize:
+    mean, std = data_lib.channel_stats(ds.train_x)
+    ds = ds._replace(train_x=data_lib.normalize(ds.train_x, mean, std),
+                     test_x=data_lib.normalize(ds.test_x, mean, std))
+  return ds
+
+
+def build_model(exp: dict, num_classes: int):
+  return models.get(exp["model"], num_classes,
+                    **{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in exp.get("model_kwargs", {}).items()})
+
+
+def train_method(exp: dict, method: str, *, batch_size: int, label: str,
+                 progress: bool = False) -> dict:
+  """Trains every seed of ``exp`` with ``method``; a JSON-able record.
+
+  Returns:
+    ``{"label", "method", "batch_size", "steps_per_epoch", "steps",
+    "seeds", "lr", "eval_mode", "test_error" (final, per seed), "history"
+    (per epoch: test_error, train_loss, sign_flips per layer, per seed),
+    "seconds"}``.
+  """
+  ds = dataset_for(exp)
+  model = build_model(exp, ds.num_classes)
+  config = TrainConfig(method=method, optimizer=exp.get("optimizer", "adam"),
+                       mask=exp["mask"], batch_size=batch_size,
+                       epochs=exp["epochs"],
+                       lr_decay_epochs=tuple(exp.get("lr_decay_epochs", ())),
+                       augment=exp.get("augment", False))
+  # On XLA:CPU a convnet trains fastest one seed per program (vmapped or
+  # lax.map-ped configs measured slower per config); "seed_loop" does that.
+  groups = ([(s,) for s in exp["seeds"]] if exp.get("seed_loop")
+            else [tuple(exp["seeds"])])
+  strategy = sweep_lib.Strategy("loop", "vmap") if exp.get("seed_loop") else None
+  t0 = time.time()
+  outs = [sweep_lib.sweep(model, ds, config,
+                          sweep_lib.SweepSpec(seeds=g, lrs=(exp["lr"],)),
+                          model_name=exp["model"], strategy=strategy,
+                          progress=progress)
+          for g in groups]
+  out = outs[0]
+  steps_per_epoch = out["train_config"]["steps_per_epoch"]
+  history = [_merge_epoch([o["history"][e] for o in outs])
+             for e in range(exp["epochs"])]
+  return {
+      "label": label, "method": method, "batch_size": batch_size,
+      "steps_per_epoch": steps_per_epoch,
+      "steps": steps_per_epoch * exp["epochs"],
+      "seeds": list(exp["seeds"]), "lr": exp["lr"],
+      "eval_mode": methods_lib.EVAL_MODES[method],
+      "strategy": out["strategy"],
+      "test_error": history[-1]["test_error"], "history": history,
+      "seconds": time.time() - t0,
+  }
+
+
+def _merge_epoch(records: list[dict]) -> dict:
+  """One epoch's record over groups of seeds, per-seed lists concatenated."""
+  cat = lambda key: sum((r[key] for r in records), [])
+  return {"epoch": records[0]["epoch"], "test_error": cat("test_error"),
+          "train_loss": cat("train_loss"),
+          "sign_flips": {k: sum((r["sign_flips"][k] for r in records), [])
+                         for k in records[0]["sign_flips"]}}
+
+
+def dataset_for(exp: dict) -> data_lib.Dataset:
+  return load_dataset(exp["dataset"], exp.get("train_subset"),
+                      exp.get("test_subset"), exp.get("normalize", False))
+
+
+def describe(exp: dict) -> dict:
+  """The data actually used, for the output."""
+  ds = dataset_for(exp)
+  return {"train_examples": int(ds.train_x.shape[0]),
+          "test_examples": int(ds.test_x.shape[0]),
+          "num_classes": int(ds.num_classes)}
+
+
+def error_summary(values) -> dict:
+  """Test error in %: mean, sample std, n."""
+  return results_lib.summarize(np.asarray(values, np.float64) * 100)
+
+
+def fmt(summary: dict) -> str:
+  return f"{summary['mean']:.2f} ± {summary['std']:.2f}"
+
+
+def final_flips(record: dict) -> dict:
+  """Per layer, the mean over seeds of the final % of signs changed."""
+  return {layer: 100 * float(np.mean(v))
+          for layer, v in record["history"][-1]["sign_flips"].items()}
+
+
+def write_json(out_dir: str, name: str, payload: dict) -> str:
+  path = os.path.join(out_dir, name)
+  results_lib.write_json(path, payload)
+  return path
+
+
+def write_text(out_dir: str, name: str, text: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name)
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
+def write_rows(out_dir: str, name: str, rows: list[dict]) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name)
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (no display needed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def save_figure(fig, out_dir: str, name: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  pyplot().close(fig)
+  return path
+
+
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog=f"python -m experiments.{name}", description=doc.split("\n")[0])
+  p.add_argument("--scale", default="cpu", choices=SCALES)
+  p.add_argument("--out", default=os.path.join("results", name))
+  p.add_argument("--only", default="",
+                 help="comma-separated experiment names to keep "
+                 "(e.g. mnist/mlp)")
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def main(name: str, doc: str, config: Callable, run: Callable,
+         plot: Callable, summary: Callable, argv=None) -> int:
+  """The shared entry point: parse, run, write, plot, print a summary."""
+  args = parser(name, doc).parse_args(argv)
+  cfg = config(args.scale)
+  if args.only:
+    cfg = select(cfg, [n for n in args.only.split(",") if n])
+  t0 = time.time()
+  try:
+    results = run(cfg, out_dir=args.out, progress=not args.no_progress)
+  except (UnsupportedExperimentError, data_lib.DatasetNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  paths = plot(results, args.out)
+  print(summary(results))
+  print(f"\n{time.time() - t0:.0f} s; results in {os.path.abspath(args.out)}"
+        f"; figures: {', '.join(paths)}")
+  return 0
