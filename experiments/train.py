@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
   p.add_argument("--lrs", default="0.01", help="comma-separated")
   p.add_argument("--seeds", default="0,1,2", help="comma-separated")
+  p.add_argument("--grid-scales", default="",
+                 help="multiples of each layer's binary scale H to sweep "
+                 "(the grid spacing), e.g. 0.5,1,2; default: H itself")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--epochs", type=int, default=3)
   p.add_argument("--lr-decay-epochs", default="",
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> dict:
       "conv" if args.model in sweep_lib.CONV_MODELS else "all")
   strategy = (None if args.strategy == "auto" else sweep_lib.Strategy(
       *args.strategy.split("-")))
-  spec = sweep_lib.SweepSpec(seeds=_ints(args.seeds), lrs=_floats(args.lrs))
+  spec = sweep_lib.SweepSpec(seeds=_ints(args.seeds), lrs=_floats(args.lrs),
+                             grid_scales=_floats(args.grid_scales) or None)
   runs, start = [], time.time()
   for method in args.methods.split(","):
     config = TrainConfig(method=method, optimizer=args.optimizer, mask=mask,

@@ -57,6 +57,7 @@ def write_csv(path: str, runs: list[dict]) -> None:
     for record in run["history"]:
       for i, cfg in enumerate(run["configs"]):
         row = {"run": run["label"], "seed": cfg["seed"], "lr": cfg["lr"],
+               "grid_scale": cfg.get("grid_scale", 1.0),
                "epoch": record["epoch"]}
         for key in ("train_loss", "train_error", "test_loss", "test_error"):
           row[key] = record[key][i]

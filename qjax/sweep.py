@@ -69,13 +69,22 @@ def choose_strategy(model_name: str, backend: str | None = None) -> Strategy:
 
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
-  """The cartesian product of seeds and learning rates."""
+  """The cartesian product of seeds, learning rates and grid scales.
+
+  ``grid_scales`` multiply every quantized layer's binary scale H (the grid
+  spacing Δ = 2 s H); ``None`` keeps BinaryConnect's H and adds no axis.
+  """
   seeds: tuple[int, ...] = (0,)
   lrs: tuple[float, ...] = (1e-2,)
+  grid_scales: tuple[float, ...] | None = None
 
   def configs(self) -> list[dict]:
-    return [{"seed": int(s), "lr": float(lr)}
-            for s, lr in itertools.product(self.seeds, self.lrs)]
+    scales = self.grid_scales or (None,)
+    out = []
+    for s, lr, g in itertools.product(self.seeds, self.lrs, scales):
+      out.append({"seed": int(s), "lr": float(lr)} if g is None else
+                 {"seed": int(s), "lr": float(lr), "grid_scale": float(g)})
+    return out
 
 
 def _over_configs(fn: Callable, how: str) -> Callable:
@@ -116,15 +125,15 @@ class _Programs:
       state, metrics = jax.lax.scan(body, state, idx)
       return state, jax.tree.map(jnp.mean, metrics)
 
-    def eval_one(state, x, y):
-      out = train_lib.evaluate(model, config, state, x, y)
+    def eval_one(state, x, y, hp):
+      out = train_lib.evaluate(model, config, state, x, y, hparams=hp)
       out["sign_flips"] = train_lib.sign_flips(config, state)
       return out
 
     self.init = jax.jit(lift(init_one, how)((0, None, 0)))
     self.step = jax.jit(lift(step_one, how)((0, None, None, 0, 0)))
     self.epoch = jax.jit(lift(epoch_one, how)((0, None, None, 0, 0)))
-    self.eval = jax.jit(lift(eval_one, how)((0, None, None)))
+    self.eval = jax.jit(lift(eval_one, how)((0, None, None, 0)))
     self.strategy = strategy
 
   def run_epoch(self, states, x, y, idx, hps):
@@ -165,7 +174,8 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
   if sharding is not None:
     configs = _pad_configs(configs, len(jax.local_devices()))
   keys = jnp.stack([jax.random.PRNGKey(c["seed"]) for c in configs])
-  hps = {"lr": jnp.asarray([c["lr"] for c in configs], jnp.float32)}
+  hps = {name: jnp.asarray([c[name] for c in configs], jnp.float32)
+         for name in configs[0] if name != "seed"}
   x_train = jnp.asarray(dataset.train_x)
   y_train = jnp.asarray(dataset.train_y)
   x_test, y_test = jnp.asarray(dataset.test_x), jnp.asarray(dataset.test_y)
@@ -194,7 +204,7 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
     idx = shuffle(epoch_keys)
     states, train_metrics = programs.run_epoch(states, x_train, y_train, idx,
                                                hps)
-    evals = programs.eval(states, x_test, y_test)
+    evals = programs.eval(states, x_test, y_test, hps)
     record = _epoch_record(epoch, train_metrics, evals, num_real,
                            time.perf_counter() - t0)
     history.append(record)

@@ -21,6 +21,7 @@ from flax import struct
 from qjax import diagnostics
 from qjax import methods as methods_lib
 from qjax import quantizers
+from qjax.grid import Grid
 from qjax.data import batching
 
 PyTree = Any
@@ -72,14 +73,29 @@ def learning_rate_schedule(config: TrainConfig, base_lr) -> optax.Schedule:
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
+def scaled_glorot_grid(scale) -> Callable:
+  """Per-layer binary grid ``{-s H, +s H}``: ``s`` sweeps the grid's size Δ."""
+  def grid(path, leaf):
+    del path
+    return Grid.binary(scale * quantizers.glorot_scale(tuple(jnp.shape(leaf))))
+  return grid
+
+
 def build_method(config: TrainConfig, hparams: dict,
                  key=None) -> methods_lib.Method:
-  """The method for ``config`` with the (possibly traced) ``hparams``."""
+  """The method for ``config`` with the (possibly traced) ``hparams``.
+
+  ``hparams["lr"]`` is the base learning rate; the optional
+  ``hparams["grid_scale"]`` multiplies every layer's binary scale H (so the
+  grid spacing Δ = 2 s H), which lets a sweep vary Δ without recompiling.
+  """
   schedule = learning_rate_schedule(config, hparams["lr"])
   key = jax.random.PRNGKey(0) if key is None else key
+  grid = (quantizers.glorot_binary_grid if "grid_scale" not in hparams
+          else scaled_glorot_grid(hparams["grid_scale"]))
   return methods_lib.make(config.method, schedule,
                           optimizer=config.optimizer, mask=MASKS[config.mask],
-                          key=key)
+                          key=key, grid=grid)
 
 
 class TrainState(struct.PyTreeNode):
@@ -160,13 +176,14 @@ def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
 
 
 def evaluate(model: nn.Module, config: TrainConfig, state: TrainState,
-             x: jax.Array, y: jax.Array, batch_size: int = 1000) -> dict:
+             x: jax.Array, y: jax.Array, batch_size: int = 1000,
+             hparams: dict | None = None) -> dict:
   """Test loss and error of the method's evaluation view, in batches.
 
   BC is evaluated on its deterministically quantized latent weights; SR and R
   on their stored grid weights; FP on its float weights (``Method.eval_mode``).
   """
-  method = build_method(config, {"lr": jnp.zeros(())})
+  method = build_method(config, dict(hparams or {}, lr=jnp.zeros(())))
   params = method.view(state.params)
   n = (x.shape[0] // batch_size) * batch_size
   xs = x[:n].reshape(-1, batch_size, *x.shape[1:])

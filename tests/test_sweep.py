@@ -143,3 +143,15 @@ def test_experiment_command_writes_results(tmp_path):
   assert [r["label"] for r in payload["runs"]] == ["SR-ADAM", "BC-ADAM"]
   for name in ("metrics.csv", "curves.png", "table.md"):
     assert (out / name).stat().st_size > 0
+
+
+def test_grid_scale_is_a_sweep_axis_and_changes_the_grid(small_digits):
+  config = TrainConfig(method="sr", batch_size=64, epochs=1)
+  out = sweep(_model(), small_digits, config,
+              SweepSpec(seeds=(0,), lrs=(0.01,), grid_scales=(1.0, 2.0)),
+              progress=False)
+  assert [c["grid_scale"] for c in out["configs"]] == [1.0, 2.0]
+  kernel = out["final_state"].params["Dense_0"]["kernel"]
+  h = np.float32(np.sqrt(1.5 / (64 + 32)))
+  np.testing.assert_allclose(np.unique(np.abs(kernel[0])), [h], rtol=1e-6)
+  np.testing.assert_allclose(np.unique(np.abs(kernel[1])), [2 * h], rtol=1e-6)
