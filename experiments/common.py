@@ -45,6 +45,22 @@ class UnsupportedExperimentError(RuntimeError):
   """An experiment's config exists but this engine cannot run it."""
 
 
+def enable_compilation_cache() -> None:
+  """Turns on JAX's persistent compilation cache unless one is configured.
+
+  XLA:CPU compiles of these sweeps take 5-25 s each on 2 shared cores, more
+  than a smoke run's training; reruns (tests, notebooks, other experiments
+  with the same shapes) then load them from disk. The directory is
+  ``$QJAX_COMPILATION_CACHE`` or ``~/.cache/qjax/jax_compilation``.
+  """
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    return
+  path = os.environ.get("QJAX_COMPILATION_CACHE", os.path.join(
+      os.path.expanduser("~"), ".cache", "qjax", "jax_compilation"))
+  jax.config.update("jax_compilation_cache_dir", path)
+
+
 def check_scale(scale: str) -> None:
   if scale not in SCALES:
     raise ValueError(f"scale must be one of {SCALES}; got scale={scale!r}.")
@@ -133,7 +149,8 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
   # lax.map-ped configs measured slower per config); "seed_loop" does that.
   groups = ([(s,) for s in exp["seeds"]] if exp.get("seed_loop")
             else [tuple(exp["seeds"])])
-  strategy = sweep_lib.Strategy("loop", "vmap") if exp.get("seed_loop") else None
+  strategy = (sweep_lib.Strategy("loop", "vmap") if exp.get("seed_loop")
+              else None)
   t0 = time.time()
   outs = [sweep_lib.sweep(model, ds, config,
                           sweep_lib.SweepSpec(seeds=g, lrs=(exp["lr"],)),
@@ -238,7 +255,8 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog=f"python -m experiments.{name}", description=doc.split("\n")[0])
   p.add_argument("--scale", default="cpu", choices=SCALES)
-  p.add_argument("--out", default=os.path.join("results", name))
+  p.add_argument("--out", default=os.path.join("results", name),
+                 help="output folder (default: %(default)s)")
   p.add_argument("--only", default="",
                  help="comma-separated experiment names to keep "
                  "(e.g. mnist/mlp)")

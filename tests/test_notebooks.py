@@ -7,6 +7,7 @@ folder; the kernel inherits this process's environment.
 
 import os
 import pathlib
+import re
 import time
 
 import nbformat
@@ -46,7 +47,8 @@ def test_stored_without_outputs(path):
            (c.outputs or c.execution_count is not None)]
   assert not dirty, (
       f"{path.name}: code cells {dirty} carry outputs; strip them with "
-      f"`jupyter nbconvert --clear-output --inplace {path.relative_to(ROOT)}`.")
+      f"`jupyter nbconvert --clear-output --inplace {path.relative_to(ROOT)}` "
+      "(nbconvert comes with `pip install -e '.[notebooks]'`).")
 
 
 def test_readme_lists_every_notebook():
@@ -70,11 +72,16 @@ def test_notebook_runs_at_smoke_scale(path, tmp_path, monkeypatch):
       nb, kernel_name=KERNEL, resources={"metadata": {"path": str(ROOT)}},
       # nbclient's timeout is per cell: give each cell what is left.
       timeout_func=lambda _: max(1, int(deadline - time.monotonic())))
+  # Fail outside the `except` so the cell's traceback is shown once.
+  error = None
   try:
     client.execute()
   except CellExecutionError as e:
-    pytest.fail(f"{path.name} failed at smoke scale:\n{e}", pytrace=False)
+    # IPython colours its tracebacks; CI logs read better without the codes.
+    error = (f"{path.name} failed at smoke scale:\n"
+             + re.sub(r"\x1b\[[0-9;]*m", "", str(e)))
   except TimeoutError as e:
-    pytest.fail(f"{path.name} exceeded {NOTEBOOK_TIMEOUT_S} s at smoke "
-                f"scale: {e}", pytrace=False)
+    error = f"{path.name} exceeded {NOTEBOOK_TIMEOUT_S} s at smoke scale: {e}"
+  if error:
+    pytest.fail(error, pytrace=False)
   assert list(tmp_path.glob("*.png")), f"{path.name} wrote no figure"

@@ -1,0 +1,214 @@
+"""Batch size: SR needs large batches, BC does not (Li et al. 2017).
+
+Claim reproduced: SR-ADAM's test error falls markedly as the batch grows
+(the gradient noise it rounds shrinks, so fewer random sign flips), while
+BC-ADAM's error depends little on the batch size; the paper's "Big
+SR-ADAM" row (batch 1024) is this effect. Reported with the matching flip
+rates (% of weights whose sign changed since init).
+
+How the number of steps is handled: a fixed number of epochs for every
+batch size, as in the paper, so a batch B takes ``epochs * (N // B)``
+steps: big batches take fewer steps. Each row reports its steps, so the
+two effects (less noise per step, fewer steps) can be read apart.
+
+Scales (``config(scale)``):
+
+* ``cpu``: full MNIST, MLP 784-256-256-10, every kernel binary, Adam lr
+  0.001 (see ``experiments.table1``), batches 128, 512, 1024, 2048, 2 epochs,
+  seeds 0 and 1. 110 s measured on 2 shared CPU cores (with the
+  compilation cache warm from table1; about a minute more when cold).
+* ``paper``: CIFAR-10, VGG-9, conv kernels binary, Adam lr 0.01 divided by
+  10 at epochs 82 and 122 of 160, batches 128, 256, 512, 1024, 2048;
+  needs a GPU and the CIFAR files; not measured here (estimate ~1-2 h per
+  method, batch and seed on one modern GPU).
+* ``smoke``: digits, a tiny MLP, batches 32 and 128, 1 epoch (seconds).
+
+Expected result: at paper scale, SR's error drops with batch size and BC's
+stays flat. At cpu scale with 2 epochs, the largest batches take only 58
+steps, so every method loses from too few steps there; the computed
+statement compares how much each method gains from a larger batch.
+
+Command: ``python -m experiments.batch_size --scale cpu --out
+results/batch_size``. Outputs: results.json, table.md, table.csv and
+batch_size_<experiment>.png in ``--out``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from experiments import common
+from qjax import results as results_lib
+
+NAME = "batch_size"
+METHODS = ("sr", "bc")
+
+
+def config(scale: str = "cpu") -> dict:
+  """The batch-size config at ``scale`` ("smoke", "cpu" or "paper")."""
+  common.check_scale(scale)
+  base = {"optimizer": "adam", "lr_decay_epochs": [], "methods": list(METHODS)}
+  if scale == "smoke":
+    exp = {**base, "name": "digits/mlp", "dataset": "digits", "model": "mlp",
+           "model_kwargs": {"features": [32]}, "mask": "all", "lr": 0.001,
+           "epochs": 1, "batch_sizes": [32, 128], "seeds": [0, 1],
+           "runtime": "seconds",
+           "command": "python -m experiments.batch_size --scale smoke"}
+  elif scale == "cpu":
+    exp = {**base, "name": "mnist/mlp", "dataset": "mnist", "model": "mlp",
+           "model_kwargs": {"features": [256, 256]}, "mask": "all",
+           "lr": 0.001, "epochs": 2, "batch_sizes": [128, 512, 1024, 2048],
+           "seeds": [0, 1],
+           "runtime": "about 2-3 min on 2 shared CPU cores (110 s measured)",
+           "command": "python -m experiments.batch_size --scale cpu"}
+  else:
+    exp = {**base, "name": "cifar10/vgg9", "dataset": "cifar10",
+           "model": "vgg9", "model_kwargs": {}, "mask": "conv",
+           "normalize": True, "augment": True, "lr": 0.01,
+           "lr_decay_epochs": [82, 122], "epochs": 160,
+           "batch_sizes": [128, 256, 512, 1024, 2048], "seeds": [0],
+           "runtime": ("not measured here (no GPU, no CIFAR); estimate "
+                       "~1-2 h per method and batch size on one GPU"),
+           "command": ("python -m experiments.batch_size --scale paper "
+                       "--out results/batch_size_paper")}
+  return {"name": NAME, "scale": scale, "experiments": [exp]}
+
+
+def gain(errors: dict) -> dict:
+  """How much a method gains from batches larger than the smallest.
+
+  Args:
+    errors: batch size -> mean test error (%).
+
+  Returns:
+    ``{"best_batch", "gain"}``: the batch with the lowest error and the
+    error at the smallest batch minus that lowest error (>= 0).
+  """
+  batches = sorted(errors)
+  best = min(batches, key=lambda b: errors[b])
+  return {"best_batch": best, "gain": errors[batches[0]] - errors[best]}
+
+
+def statement(per_method: dict) -> dict:
+  """Whether SR gains from larger batches, and more than BC does.
+
+  Args:
+    per_method: label -> batch size -> mean test error (%).
+  """
+  sr, bc = gain(per_method["SR-ADAM"]), gain(per_method["BC-ADAM"])
+  holds = sr["gain"] > 0 and sr["gain"] > bc["gain"]
+  smallest = min(per_method["SR-ADAM"])
+  text = (f"{'holds' if holds else 'does not hold'}: SR-ADAM's best batch "
+          f"is {sr['best_batch']} ({sr['gain']:.2f} points below batch "
+          f"{smallest}); BC-ADAM's best batch is {bc['best_batch']} "
+          f"({bc['gain']:.2f} points below batch {smallest})")
+  return {"holds": bool(holds), "sr": sr, "bc": bc, "text": text}
+
+
+def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
+  """Trains SR and BC at every batch size of each experiment."""
+  common.check_supported(cfg["experiments"])
+  common.enable_compilation_cache()
+  t0 = time.time()
+  results = {"name": NAME, "scale": cfg["scale"],
+             "environment": results_lib.environment(), "experiments": []}
+  for exp in cfg["experiments"]:
+    t1 = time.time()
+    records = [common.train_method(exp, m, batch_size=b,
+                                   label=common.LABELS[m], progress=progress)
+               for m in exp["methods"] for b in exp["batch_sizes"]]
+    rows = [{"method": r["label"], "batch_size": r["batch_size"],
+             "steps": r["steps"], "test_error": common.error_summary(
+                 r["test_error"]),
+             "flips": common.final_flips(r), "seconds": r["seconds"]}
+            for r in records]
+    per_method = {}
+    for row in rows:
+      per_method.setdefault(row["method"], {})[row["batch_size"]] = (
+          row["test_error"]["mean"])
+    results["experiments"].append({
+        "name": exp["name"], "config": exp, "data": common.describe(exp),
+        "runs": records, "rows": rows,
+        "statement": statement(per_method), "seconds": time.time() - t1})
+  results["wall_seconds"] = time.time() - t0
+  results["table_md"] = table(results)
+  if out_dir:
+    write(results, out_dir)
+  return results
+
+
+def table(results: dict) -> str:
+  lines = []
+  for e in results["experiments"]:
+    layers = list(e["rows"][0]["flips"])
+    lines += [f"{e['name']}: test error and % of signs changed since init "
+              f"after {e['config']['epochs']} epoch(s) at every batch size "
+              f"(fixed epochs), mean over {len(e['config']['seeds'])} "
+              "seed(s).", "",
+              "| method | batch | steps | test error (%) | " + " | ".join(
+                  f"% changed {l}" for l in layers) + " |",
+              "|---" * (len(layers) + 4) + "|"]
+    for row in e["rows"]:
+      lines.append(
+          f"| {row['method']} | {row['batch_size']} | {row['steps']} | "
+          f"{common.fmt(row['test_error'])} | " + " | ".join(
+              f"{row['flips'][l]:.2f}" for l in layers) + " |")
+    lines += ["", f"- {e['name']}: paper's finding (SR gains from larger "
+              f"batches, more than BC) {e['statement']['text']}", ""]
+  return "\n".join(lines).rstrip()
+
+
+def write(results: dict, out_dir: str) -> None:
+  common.write_json(out_dir, "results.json", results)
+  common.write_text(out_dir, "table.md", results["table_md"] + "\n")
+  common.write_rows(out_dir, "table.csv", [
+      {"experiment": e["name"], "method": r["label"],
+       "batch_size": r["batch_size"], "steps": r["steps"], "seed": seed,
+       "test_error": err,
+       "mean_percent_changed": sum(100 * v[i] for v in
+                                   r["history"][-1]["sign_flips"].values())
+       / max(len(r["history"][-1]["sign_flips"]), 1)}
+      for e in results["experiments"] for r in e["runs"]
+      for i, (seed, err) in enumerate(zip(r["seeds"], r["test_error"]))])
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  """Per experiment: test error and mean % changed vs batch size."""
+  plt = common.pyplot()
+  paths = []
+  for e in results["experiments"]:
+    fig, (ax_err, ax_flip) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method in dict.fromkeys(r["method"] for r in e["rows"]):
+      rows = [r for r in e["rows"] if r["method"] == method]
+      batches = [r["batch_size"] for r in rows]
+      ax_err.errorbar(batches, [r["test_error"]["mean"] for r in rows],
+                      yerr=[r["test_error"]["std"] for r in rows],
+                      marker="o", capsize=3, label=method)
+      ax_flip.plot(batches, [sum(r["flips"].values()) / len(r["flips"])
+                             for r in rows], marker="o", label=method)
+    batches = sorted({r["batch_size"] for r in e["rows"]})
+    for ax, title in ((ax_err, "top-1 test error (%)"),
+                      (ax_flip, "% signs changed since init (layer mean)")):
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(batches, [str(b) for b in batches])
+      ax.minorticks_off()
+      ax.set_xlabel("batch size (fixed epochs)")
+      ax.set_title(title)
+    ax_err.legend()
+    fig.suptitle(f"{e['name']} ({results['scale']})")
+    safe = e["name"].replace("/", "_")
+    paths.append(common.save_figure(fig, out_dir, f"batch_size_{safe}.png"))
+  return paths
+
+
+def summary(results: dict) -> str:
+  return results["table_md"]
+
+
+def main(argv=None) -> int:
+  return common.main(NAME, __doc__, config, run, plot, summary, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

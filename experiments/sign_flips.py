@@ -1,0 +1,199 @@
+"""The paper's sign-change figure: % of weights whose sign left its init value.
+
+Claim reproduced (Li et al. 2017, the sign-change figure): per layer, SR
+changes the signs of far more binary weights than BC, i.e. SR keeps
+exploring instead of settling, while R changes almost none (an Adam step
+below half a grid step never moves a weight off its grid point).
+
+Measured per epoch for R-ADAM, SR-ADAM and BC-ADAM from the engine's
+``history[e]["sign_flips"][layer]`` (for BC: the sign of the latent weight,
+which is the sign of its binarized weight).
+
+Scales (``config(scale)``):
+
+* ``cpu``: full MNIST, MLP 784-256-256-10, every kernel binary, Adam lr
+  0.001 (why not 0.01: see ``experiments.table1``), batch 128, 3 epochs,
+  seeds 0 and 1. 96 s measured on 2 shared CPU cores.
+* ``paper``: CIFAR-10, VGG-9, conv kernels binary, Adam lr 0.01 divided by
+  10 at epochs 82 and 122 of 160, batch 128, augmented and normalized; needs
+  a GPU and the CIFAR files; not measured here (estimate: ~1-2 h per method
+  and seed on one modern GPU).
+* ``smoke``: digits, a tiny MLP, 2 epochs (seconds).
+
+Expected result (cpu): final % changed per layer SR > BC in every layer and
+R about 0 (README, 3 epochs: SR 40, 45, 28 %; BC 26, 22, 9 %; R 0 %).
+
+Command: ``python -m experiments.sign_flips --scale cpu --out
+results/sign_flips``. Outputs: results.json, table.md, flips.csv and
+sign_flips_<experiment>.png in ``--out``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from experiments import common
+from qjax import results as results_lib
+
+NAME = "sign_flips"
+METHODS = ("r", "sr", "bc")
+
+
+def config(scale: str = "cpu") -> dict:
+  """The sign-change config at ``scale`` ("smoke", "cpu" or "paper")."""
+  common.check_scale(scale)
+  base = {"optimizer": "adam", "batch_size": 128, "lr_decay_epochs": [],
+          "methods": list(METHODS)}
+  if scale == "smoke":
+    exp = {**base, "name": "digits/mlp", "dataset": "digits", "model": "mlp",
+           "model_kwargs": {"features": [32]}, "mask": "all", "lr": 0.001,
+           "epochs": 2, "batch_size": 64, "seeds": [0, 1],
+           "runtime": "seconds",
+           "command": "python -m experiments.sign_flips --scale smoke"}
+  elif scale == "cpu":
+    exp = {**base, "name": "mnist/mlp", "dataset": "mnist", "model": "mlp",
+           "model_kwargs": {"features": [256, 256]}, "mask": "all",
+           "lr": 0.001, "epochs": 3, "seeds": [0, 1],
+           "runtime": "about 1.5-2 min on 2 shared CPU cores (96 s measured)",
+           "command": "python -m experiments.sign_flips --scale cpu"}
+  else:
+    exp = {**base, "name": "cifar10/vgg9", "dataset": "cifar10",
+           "model": "vgg9", "model_kwargs": {}, "mask": "conv",
+           "normalize": True, "augment": True, "lr": 0.01,
+           "lr_decay_epochs": [82, 122], "epochs": 160, "seeds": [0],
+           "runtime": ("not measured here (no GPU, no CIFAR); estimate "
+                       "~1-2 h per method on one modern GPU"),
+           "command": ("python -m experiments.sign_flips --scale paper "
+                       "--out results/sign_flips_paper")}
+  return {"name": NAME, "scale": scale, "experiments": [exp]}
+
+
+def curves(record: dict) -> dict:
+  """layer -> {"mean", "std"} lists over epochs, in % of the layer's weights."""
+  out = {}
+  for layer in record["history"][0]["sign_flips"]:
+    per_epoch = np.array([h["sign_flips"][layer] for h in record["history"]])
+    out[layer] = {"mean": (100 * per_epoch.mean(1)).tolist(),
+                  "std": (100 * per_epoch.std(1)).tolist()}
+  return out
+
+
+def statement(final: dict) -> dict:
+  """Whether SR > BC in every layer and R changes (almost) no sign.
+
+  Args:
+    final: label -> layer -> final mean % of signs changed.
+  """
+  out = {}
+  text = []
+  if "SR-ADAM" in final and "BC-ADAM" in final:
+    sr, bc = final["SR-ADAM"], final["BC-ADAM"]
+    more = {layer: bool(sr[layer] > bc[layer]) for layer in sr}
+    out["sr_more_than_bc"] = all(more.values())
+    text.append(("SR changes more signs than BC in every layer"
+                 if out["sr_more_than_bc"] else
+                 "SR does not change more signs than BC in layer(s) "
+                 + ", ".join(l for l, m in more.items() if not m)))
+  if "R-ADAM" in final:
+    top = max(final["R-ADAM"].values())
+    out["r_max_percent"] = top
+    out["r_almost_none"] = bool(top < 1.0)
+    text.append(f"R changes at most {top:.2f} % of a layer's signs")
+  out["text"] = "; ".join(text)
+  return out
+
+
+def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
+  """Trains R, SR and BC per experiment; per-epoch, per-layer % changed."""
+  common.check_supported(cfg["experiments"])
+  common.enable_compilation_cache()
+  t0 = time.time()
+  results = {"name": NAME, "scale": cfg["scale"],
+             "environment": results_lib.environment(), "experiments": []}
+  for exp in cfg["experiments"]:
+    t1 = time.time()
+    records = [common.train_method(exp, m, batch_size=exp["batch_size"],
+                                   label=common.LABELS[m], progress=progress)
+               for m in exp["methods"]]
+    final = {r["label"]: common.final_flips(r) for r in records}
+    results["experiments"].append({
+        "name": exp["name"], "config": exp, "data": common.describe(exp),
+        "methods": records, "curves": {r["label"]: curves(r) for r in records},
+        "final": final, "test_error": {r["label"]: common.error_summary(
+            r["test_error"]) for r in records},
+        "statement": statement(final), "seconds": time.time() - t1})
+  results["wall_seconds"] = time.time() - t0
+  results["table_md"] = table(results)
+  if out_dir:
+    write(results, out_dir)
+  return results
+
+
+def table(results: dict) -> str:
+  lines = []
+  for e in results["experiments"]:
+    layers = list(next(iter(e["final"].values())))
+    lines += [f"{e['name']}: % of weights whose sign changed since init, "
+              f"after {e['config']['epochs']} epoch(s), mean over "
+              f"{len(e['config']['seeds'])} seed(s).", "",
+              "| method | " + " | ".join(layers) + " | test error (%) |",
+              "|---" * (len(layers) + 2) + "|"]
+    for label, per_layer in e["final"].items():
+      lines.append(f"| {label} | " + " | ".join(
+          f"{per_layer[l]:.2f}" for l in layers) + f" | "
+          f"{common.fmt(e['test_error'][label])} |")
+    lines += ["", f"- {e['name']}: {e['statement']['text']}", ""]
+  return "\n".join(lines).rstrip()
+
+
+def write(results: dict, out_dir: str) -> None:
+  common.write_json(out_dir, "results.json", results)
+  common.write_text(out_dir, "table.md", results["table_md"] + "\n")
+  common.write_rows(out_dir, "flips.csv", [
+      {"experiment": e["name"], "method": r["label"], "epoch": h["epoch"],
+       "layer": layer, "seed": seed, "percent_changed": 100 * v}
+      for e in results["experiments"] for r in e["methods"]
+      for h in r["history"] for layer, vals in h["sign_flips"].items()
+      for seed, v in zip(r["seeds"], vals)])
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+  """Per experiment, a panel per layer: % changed vs epoch, a line a method."""
+  plt = common.pyplot()
+  paths = []
+  for e in results["experiments"]:
+    layers = list(next(iter(e["curves"].values())))
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers), 3.4),
+                             squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+      for label, per_layer in e["curves"].items():
+        # Epoch 0 is the initialization, where no sign has changed yet.
+        mean = np.array([0.0] + per_layer[layer]["mean"])
+        std = np.array([0.0] + per_layer[layer]["std"])
+        epochs = np.arange(len(mean))
+        ax.plot(epochs, mean, marker="o", label=label)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+      ax.set_title(layer)
+      ax.set_xticks(epochs)
+      ax.set_xlabel("epoch")
+      ax.set_ylabel("% signs changed since init")
+    axes[0][0].legend()
+    fig.suptitle(f"{e['name']} ({results['scale']})")
+    safe = e["name"].replace("/", "_")
+    paths.append(common.save_figure(fig, out_dir, f"sign_flips_{safe}.png"))
+  return paths
+
+
+def summary(results: dict) -> str:
+  return results["table_md"]
+
+
+def main(argv=None) -> int:
+  return common.main(NAME, __doc__, config, run, plot, summary, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
