@@ -58,7 +58,7 @@ DEFAULT_STEPS = {"mlp": 50, "cnn": 2}
 DEFAULT_REPEATS = {"mlp": 3, "cnn": 1}
 ALL_STRATEGIES = tuple(sweep_lib.Strategy(steps, configs)
                        for steps in ("scan", "loop")
-                       for configs in ("vmap", "map"))
+                       for configs in ("vmap", "map", "loop"))
 
 
 def load_data(num_examples: int) -> tuple[np.ndarray, np.ndarray, str]:

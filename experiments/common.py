@@ -145,18 +145,13 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
                        epochs=exp["epochs"],
                        lr_decay_epochs=tuple(exp.get("lr_decay_epochs", ())),
                        augment=exp.get("augment", False))
-  # On XLA:CPU a convnet trains fastest one seed per program (vmapped or
-  # lax.map-ped configs measured slower per config); "seed_loop" does that.
-  groups = ([(s,) for s in exp["seeds"]] if exp.get("seed_loop")
-            else [tuple(exp["seeds"])])
-  strategy = (sweep_lib.Strategy("loop", "vmap") if exp.get("seed_loop")
-              else None)
+  # The engine picks the execution (for a convnet on XLA:CPU: one unbatched
+  # program per seed, called config after config; qjax.sweep.choose_strategy).
   t0 = time.time()
   outs = [sweep_lib.sweep(model, ds, config,
-                          sweep_lib.SweepSpec(seeds=g, lrs=(exp["lr"],)),
-                          model_name=exp["model"], strategy=strategy,
-                          progress=progress)
-          for g in groups]
+                          sweep_lib.SweepSpec(seeds=tuple(exp["seeds"]),
+                                              lrs=(exp["lr"],)),
+                          model_name=exp["model"], progress=progress)]
   out = outs[0]
   steps_per_epoch = out["train_config"]["steps_per_epoch"]
   history = [_merge_epoch([o["history"][e] for o in outs])

@@ -123,7 +123,6 @@ def _cpu() -> list[dict]:
       "model_kwargs": {}, "train_subset": 6400, "test_subset": 2000,
       "mask": "conv", "optimizer": "adam", "lr": 0.001, "lr_decay_epochs": [],
       "epochs": 2, "batch_size": 128, "big_batch_size": 1024, "seeds": [0],
-      "seed_loop": True,
       "runtime": ("about 4 min on 2 shared CPU cores (240 s measured; a "
                   "step ~0.25 s)"),
       "command": "python -m experiments.table1 --scale cpu --only mnist/cnn",

@@ -65,8 +65,10 @@ def parser() -> argparse.ArgumentParser:
                  help="which kernels are binarized (auto: conv for convnets,"
                  " all for the MLP)")
   p.add_argument("--strategy", default="auto",
-                 choices=("auto", "scan-vmap", "scan-map", "loop-vmap",
-                          "loop-map"))
+                 choices=("auto", "scan-vmap", "scan-map", "scan-loop",
+                          "loop-vmap", "loop-map", "loop-loop"),
+                 help="steps-configs execution (auto: measured best for the "
+                 "model and backend, see qjax.sweep.choose_strategy)")
   p.add_argument("--max-configs-per-chunk", type=int, default=None)
   p.add_argument("--train-subset", type=int, default=None,
                  help="use only the first N training examples")

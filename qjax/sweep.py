@@ -11,8 +11,10 @@ How the program runs is a :class:`Strategy`:
   several times slower than the same step jitted alone, while an MLP is fine
   either way (``benchmarks/sweep_throughput.py``).
 * ``configs``: ``"vmap"`` batches the configs into one program; ``"map"``
-  runs them one after another inside it (``lax.map``), which keeps each
-  config's program unbatched: faster for convnets on CPU.
+  runs them one after another inside it (``lax.map``, a scan); ``"loop"``
+  calls the unbatched compiled step once per config from Python. For the
+  small CNN on XLA:CPU a vmapped step of 8 configs cost 3.2x the unbatched
+  step per config, and ``lax.map`` pays the scan penalty, so ``loop`` wins.
 
 :func:`choose_strategy` picks by backend and model; pass ``strategy=`` to
 override.
@@ -21,6 +23,7 @@ override.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -40,15 +43,15 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class Strategy:
   steps: str = "scan"     # "scan" | "loop"
-  configs: str = "vmap"   # "vmap" | "map"
+  configs: str = "vmap"   # "vmap" | "map" | "loop"
 
   def __post_init__(self):
     if self.steps not in ("scan", "loop"):
       raise ValueError(f"Strategy.steps must be 'scan' or 'loop'; got "
                        f"{self.steps!r}.")
-    if self.configs not in ("vmap", "map"):
-      raise ValueError(f"Strategy.configs must be 'vmap' or 'map'; got "
-                       f"{self.configs!r}.")
+    if self.configs not in ("vmap", "map", "loop"):
+      raise ValueError(f"Strategy.configs must be 'vmap', 'map' or 'loop'; "
+                       f"got {self.configs!r}.")
 
 
 CONV_MODELS = ("cnn", "vgg9", "vgg_bc", "resnet56", "wrn56_2", "resnet18")
@@ -57,13 +60,14 @@ CONV_MODELS = ("cnn", "vgg9", "vgg_bc", "resnet56", "wrn56_2", "resnet18")
 def choose_strategy(model_name: str, backend: str | None = None) -> Strategy:
   """The measured-fastest strategy for ``model_name`` on ``backend``.
 
-  On CPU convnets run as a Python loop of jitted steps with configs mapped
-  (both measured faster there); MLPs and every model on GPU/TPU use a
-  scanned epoch with vmapped configs.
+  On CPU a convnet runs as a Python loop of unbatched jitted steps, config
+  after config (a scanned or vmapped conv step measured several times slower
+  there: ``benchmarks/sweep_throughput.py``); MLPs, and every model on
+  GPU/TPU, use a scanned epoch with vmapped configs.
   """
   backend = backend or jax.default_backend()
   if backend == "cpu" and model_name in CONV_MODELS:
-    return Strategy(steps="loop", configs="map")
+    return Strategy(steps="loop", configs="loop")
   return Strategy(steps="scan", configs="vmap")
 
 
@@ -87,29 +91,45 @@ class SweepSpec:
     return out
 
 
-def _over_configs(fn: Callable, how: str) -> Callable:
-  """``fn`` lifted to a leading config axis on the args marked ``0``."""
-  def lifted(in_axes):
-    if how == "vmap":
-      return jax.vmap(fn, in_axes=in_axes)
+def _over_configs(fn: Callable, how: str, in_axes: tuple) -> Callable:
+  """``fn`` compiled for a leading config axis on the args marked ``0``.
 
+  ``vmap`` batches the configs into one program, ``map`` runs them one after
+  another inside one program (``lax.map``, itself a scan), and ``loop`` calls
+  the unbatched compiled ``fn`` once per config from Python.
+  """
+  if how == "vmap":
+    return jax.jit(jax.vmap(fn, in_axes=in_axes))
+
+  def call_with(args, batched_values):
+    it = iter(batched_values)
+    return fn(*[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)])
+
+  if how == "map":
     def mapped(*args):
       batched = [a for a, ax in zip(args, in_axes) if ax == 0]
+      return jax.lax.map(lambda xs: call_with(args, xs), batched)
+    return jax.jit(mapped)
 
-      def one(xs):
-        it = iter(xs)
-        return fn(*[next(it) if ax == 0 else a for a, ax in zip(args,
-                                                                   in_axes)])
-      return jax.lax.map(one, batched)
-    return mapped
-  return lifted
+  single = jax.jit(fn)
+
+  def looped(*args):
+    batched = [a for a, ax in zip(args, in_axes) if ax == 0]
+    count = jax.tree.leaves(batched[0])[0].shape[0]
+    outs = []
+    for i in range(count):
+      lane = [jax.tree.map(lambda v: v[i], a) for a in batched]
+      it = iter(lane)
+      outs.append(single(*[next(it) if ax == 0 else a
+                           for a, ax in zip(args, in_axes)]))
+    return jax.tree.map(lambda *v: jnp.stack(v), *outs)
+  return looped
 
 
 class _Programs:
   """The jitted per-chunk programs of one (model, config, strategy)."""
 
   def __init__(self, model, config, strategy: Strategy):
-    lift = _over_configs
     how = strategy.configs
 
     def init_one(key, sample_x, hp):
@@ -130,10 +150,10 @@ class _Programs:
       out["sign_flips"] = train_lib.sign_flips(config, state)
       return out
 
-    self.init = jax.jit(lift(init_one, how)((0, None, 0)))
-    self.step = jax.jit(lift(step_one, how)((0, None, None, 0, 0)))
-    self.epoch = jax.jit(lift(epoch_one, how)((0, None, None, 0, 0)))
-    self.eval = jax.jit(lift(eval_one, how)((0, None, None, 0)))
+    self.init = _over_configs(init_one, how, (0, None, 0))
+    self.step = _over_configs(step_one, how, (0, None, None, 0, 0))
+    self.epoch = _over_configs(epoch_one, how, (0, None, None, 0, 0))
+    self.eval = _over_configs(eval_one, how, (0, None, None, 0))
     self.strategy = strategy
 
   def run_epoch(self, states, x, y, idx, hps):
@@ -146,6 +166,17 @@ class _Programs:
       totals = metrics if totals is None else jax.tree.map(jnp.add, totals,
                                                            metrics)
     return states, jax.tree.map(lambda v: v / idx.shape[1], totals)
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(model, config, strategy: Strategy) -> _Programs:
+  """Compiled programs, shared by every sweep of the same model and config.
+
+  Flax modules and the frozen configs are hashable, so a second sweep (another
+  seed set, another batch of learning rates, a later chunk) reuses the jitted
+  functions and XLA's compiled executables instead of recompiling.
+  """
+  return _Programs(model, config, strategy)
 
 
 def _config_sharding(num_configs: int):
@@ -182,7 +213,7 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
   if sharding is not None:
     keys, hps = jax.device_put((keys, hps), sharding)
 
-  programs = _Programs(model, config, strategy)
+  programs = _programs(model, config, strategy)
   states = programs.init(keys, x_train[:config.batch_size], hps)
   history, start_epoch = [], 0
   if checkpoint_dir:

@@ -29,7 +29,8 @@ def _model():
 
 @pytest.mark.parametrize("method", ["sr", "bc"])
 @pytest.mark.parametrize("strategy", [Strategy("scan", "vmap"),
-                                      Strategy("loop", "map")])
+                                      Strategy("loop", "map"),
+                                      Strategy("loop", "loop")])
 def test_lane_i_equals_single_run_i(method, strategy, small_digits):
   config = TrainConfig(method=method, batch_size=64, epochs=2)
   spec = SweepSpec(seeds=(0, 1), lrs=(0.01, 0.003))
@@ -119,7 +120,7 @@ def test_sweep_is_sharded_over_four_devices_with_the_same_results():
 
 def test_strategy_choice_and_bad_inputs(small_digits):
   assert choose_strategy("mlp", "cpu") == Strategy("scan", "vmap")
-  assert choose_strategy("cnn", "cpu") == Strategy("loop", "map")
+  assert choose_strategy("cnn", "cpu") == Strategy("loop", "loop")
   assert choose_strategy("cnn", "gpu") == Strategy("scan", "vmap")
   with pytest.raises(ValueError, match="steps must be"):
     Strategy("while", "vmap")

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax
 
-from qjax.models.mlp import PAD_1, batch_norm, conv_init
+from qjax.models.mlp import PAD_1, batch_norm, conv_init, max_pool_2x2
 
 
 class SmallCNN(nn.Module):
@@ -28,7 +28,7 @@ class SmallCNN(nn.Module):
     for width in self.features:
       x = nn.Conv(width, (3, 3), padding=PAD_1, kernel_init=conv_init)(x)
       x = nn.relu(batch_norm(train)(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(batch_norm(train)(nn.Dense(self.hidden)(x)))
     return nn.Dense(self.num_classes)(x)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from qjax.models.mlp import PAD_1, batch_norm, conv_init
+from qjax.models.mlp import PAD_1, batch_norm, conv_init, max_pool_2x2
 
 POOL = 'M'
 
@@ -43,7 +43,7 @@ class VGG(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for item in self.conv_spec:
       if item == POOL:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       else:
         x = nn.Conv(item, (3, 3), padding=PAD_1, kernel_init=conv_init)(x)
         x = nn.relu(batch_norm(train)(x))
