@@ -19,12 +19,12 @@ Scales (``config(scale)``):
   are in its config. ImageNet's config exists but raises
   :class:`experiments.common.UnsupportedExperimentError` when run: the
   in-memory engine cannot train on it (the message says what is missing).
-* ``cpu``: runs here in about 6 minutes on 2 shared CPU cores (364 s
+* ``cpu``: runs here in about 5 minutes on 2 CPU cores (273 s
   measured, compilation cache warm for the MLP; ~70 s more cold): full MNIST
   and Fashion-MNIST with the MLP 784-256-256-10 (every kernel binary, 2
   seeds, 2 epochs), and the small CNN on MNIST (conv kernels binary, first
   6400 training images, first 2000 test images, 2 epochs = 100 steps at
-  batch 128, seed 0 only: a CNN step costs ~0.25 s here). Adam lr
+  batch 128, seeds 0 and 1). Adam lr
   0.001, not the paper's 0.01: our binary grids use BinaryConnect's
   per-layer Glorot scale (H about 0.04 for the MLP), far finer than the
   paper's +-1, and at lr 0.01 an Adam step (about lr) is an eighth of the
@@ -122,9 +122,8 @@ def _cpu() -> list[dict]:
       "name": "mnist/cnn", "dataset": "mnist", "model": "cnn",
       "model_kwargs": {}, "train_subset": 6400, "test_subset": 2000,
       "mask": "conv", "optimizer": "adam", "lr": 0.001, "lr_decay_epochs": [],
-      "epochs": 2, "batch_size": 128, "big_batch_size": 1024, "seeds": [0],
-      "runtime": ("about 4 min on 2 shared CPU cores (240 s measured; a "
-                  "step ~0.25 s)"),
+      "epochs": 2, "batch_size": 128, "big_batch_size": 1024, "seeds": [0, 1],
+      "runtime": "about 3.5 min on 2 CPU cores (202 s measured, 2 seeds)",
       "command": "python -m experiments.table1 --scale cpu --only mnist/cnn",
   }
   return [mlp("mnist"), mlp("fashion_mnist"), cnn]
