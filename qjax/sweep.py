@@ -179,7 +179,8 @@ def _programs(model, config, strategy: Strategy) -> _Programs:
   return _Programs(model, config, strategy)
 
 
-def _config_sharding(num_configs: int):
+def _config_sharding():
+  """Shards the leading config axis over all local devices (None if one)."""
   devices = jax.local_devices()
   if len(devices) == 1:
     return None
@@ -195,13 +196,12 @@ def _pad_configs(configs: list[dict], multiple: int) -> list[dict]:
 def run_chunk(model, dataset, config: train_lib.TrainConfig,
               configs: list[dict], strategy: Strategy, *,
               checkpoint_dir: str | None = None, progress: bool = True,
-              eval_batch: int = 1000, on_epoch: Callable | None = None
-              ) -> dict:
+              on_epoch: Callable | None = None) -> dict:
   """Trains ``configs`` (one chunk) together; returns per-epoch metrics."""
   from qjax import checkpoint as ckpt_lib  # orbax is imported lazily
 
   num_real = len(configs)
-  sharding = _config_sharding(num_real)
+  sharding = _config_sharding()
   if sharding is not None:
     configs = _pad_configs(configs, len(jax.local_devices()))
   keys = jnp.stack([jax.random.PRNGKey(c["seed"]) for c in configs])
