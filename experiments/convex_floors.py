@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from qjax import results as results_lib
 from qjax.theory import convex
 
 VARIANTS = {  # label -> RunConfig overrides
@@ -261,19 +262,6 @@ def _save(fig, out_dir, name):
   return path
 
 
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()
-            if k not in ("moved", "max_step_inf", "curve")}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  return x
-
-
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="results/convex_floors")
@@ -282,9 +270,8 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   results = run(config(args.smoke))
   paths = plot(results, args.out)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(_jsonable(results), f, indent=1)
-  print(json.dumps(_jsonable(results["summary"]), indent=1))
+  results_lib.write_json(os.path.join(args.out, "results.json"), results)
+  print(json.dumps(results_lib.jsonable(results["summary"]), indent=1))
   print(f"wrote {paths} in {results['seconds']:.0f} s")
   return results
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import results as results_lib
 from qjax import quantizers
 from qjax.theory import markov
 
@@ -276,18 +277,6 @@ def summary(results: dict) -> dict:
   }
 
 
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items() if k != "chain"}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  return x
-
-
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="results/markov_chain")
@@ -296,9 +285,8 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   results = run(config(args.smoke))
   paths = plot(results, args.out)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(_jsonable(results), f, indent=1)
-  print(json.dumps(_jsonable(summary(results)), indent=1))
+  results_lib.write_json(os.path.join(args.out, "results.json"), results, drop=("chain",))
+  print(json.dumps(results_lib.jsonable(summary(results)), indent=1))
   print(f"wrote {paths} in {results['seconds']:.0f} s")
   return results
 

@@ -34,20 +34,31 @@ def summarize(values) -> dict:
           "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
-def write_json(path: str, payload: dict) -> None:
+def jsonable(value, drop: tuple[str, ...] = ()):
+  """``value`` with numpy scalars/arrays as Python ones, keys as strings.
+
+  Dict entries whose key is in ``drop`` are left out, at any depth (e.g.
+  objects that only the plotting code needs).
+  """
+  if isinstance(value, dict):
+    return {str(k): jsonable(v, drop) for k, v in value.items()
+            if k not in drop}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v, drop) for v in value]
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (np.integer, np.floating, np.bool_)):
+    return value.item()
+  return value
+
+
+def write_json(path: str, payload: dict, drop: tuple[str, ...] = ()) -> None:
+  """Writes ``jsonable(payload, drop)`` to ``path`` atomically."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(payload, f, indent=1, default=_jsonable)
+    json.dump(jsonable(payload, drop), f, indent=1)
   os.replace(tmp, path)
-
-
-def _jsonable(value):
-  if isinstance(value, (np.integer, np.floating)):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def write_csv(path: str, runs: list[dict]) -> None:
