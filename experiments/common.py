@@ -34,11 +34,11 @@ from qjax.train import TrainConfig
 SCALES = ("smoke", "cpu", "paper")
 LABELS = {"fp": "ADAM", "bc": "BC-ADAM", "sr": "SR-ADAM", "r": "R-ADAM"}
 
-# Datasets the in-memory engine cannot train on, and why. qjax.sweep takes
-# whole in-memory arrays; ImageNet (about 150 GB decoded) needs a streaming
-# input pipeline, which qjax.data.tfds_batches provides but qjax.sweep does
-# not accept.
-STREAMING_ONLY = {"imagenet2012"}
+# Datasets too large for memory: streamed from a prepared TFDS dataset
+# (qjax.data.tfds_stream), (train split, test split).
+STREAMING = {"imagenet2012": ("train", "validation")}
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class UnsupportedExperimentError(RuntimeError):
@@ -67,20 +67,47 @@ def check_scale(scale: str) -> None:
 
 
 def check_supported(experiments: list[dict]) -> None:
-  """Raises before any training if an experiment needs a streaming pipeline."""
-  bad = [e for e in experiments if e["dataset"] in STREAMING_ONLY]
-  if not bad:
-    return
-  names = ", ".join(e["name"] for e in bad)
-  raise UnsupportedExperimentError(
-      f"cannot run {names}: the dataset {bad[0]['dataset']!r} (ImageNet "
-      "through TFDS, ~1.28M images) does not fit qjax.sweep, which trains on "
-      "whole in-memory arrays. Missing: a streaming training loop in qjax "
-      "(qjax.data.tfds_batches streams batches, but qjax.sweep.sweep accepts "
-      "only an in-memory Dataset) and the prepared TFDS dataset "
-      "'imagenet2012' (ArrayRecord, `pip install qjax[tfds]`, manual "
-      "download). Run the other experiments with --only, e.g. --only "
-      "cifar10/vgg9,cifar100/resnet56.")
+  """Raises before any training if a streamed dataset is not available."""
+  for e in experiments:
+    if e["dataset"] not in STREAMING:
+      continue
+    problem = _streaming_problem(e["dataset"])
+    if problem:
+      raise UnsupportedExperimentError(
+          f"cannot run {e['name']}: {problem}. ImageNet is streamed from a "
+          "prepared TFDS dataset (qjax.data.tfds_stream): `pip install "
+          "qjax[tfds]`, download ILSVRC2012 by hand and run `tfds build "
+          f"{e['dataset']}` (ArrayRecord format), or point TFDS_DATA_DIR at a "
+          "prepared copy. Run the other experiments with --only, e.g. "
+          "--only cifar10/vgg9,cifar100/resnet56.")
+
+
+def _streaming_problem(name: str) -> str | None:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    return "tensorflow-datasets is not installed"
+  try:
+    prepared = tfds.builder(name).is_prepared()
+  except Exception as err:  # pylint: disable=broad-except
+    return f"TFDS cannot build {name!r} here ({type(err).__name__}: {err})"
+  return None if prepared else f"the TFDS dataset {name!r} is not prepared"
+
+
+def imagenet_preprocess(example: dict) -> tuple[np.ndarray, int]:
+  """Resize the shorter side to 256, center-crop 224, normalize per channel."""
+  from PIL import Image
+  image = Image.fromarray(np.asarray(example["image"]))
+  scale = 256 / min(image.size)
+  image = image.resize((max(224, round(image.size[0] * scale)),
+                        max(224, round(image.size[1] * scale))),
+                       Image.BILINEAR)
+  left, top = (image.size[0] - 224) // 2, (image.size[1] - 224) // 2
+  image = image.crop((left, top, left + 224, top + 224))
+  x = np.asarray(image, np.float32) / 255.0
+  if x.ndim == 2:
+    x = np.repeat(x[..., None], 3, axis=-1)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD, int(example["label"])
 
 
 def select(cfg: dict, names) -> dict:
@@ -177,7 +204,11 @@ def _merge_epoch(records: list[dict]) -> dict:
                          for k in records[0]["sign_flips"]}}
 
 
-def dataset_for(exp: dict) -> data_lib.Dataset:
+def dataset_for(exp: dict):
+  """The in-memory Dataset, or a StreamingDataset for ImageNet."""
+  if exp["dataset"] in STREAMING:
+    return data_lib.tfds_stream(exp["dataset"], split=STREAMING[exp["dataset"]],
+                                preprocess=imagenet_preprocess)
   return load_dataset(exp["dataset"], exp.get("train_subset"),
                       exp.get("test_subset"), exp.get("normalize", False))
 
@@ -185,6 +216,9 @@ def dataset_for(exp: dict) -> data_lib.Dataset:
 def describe(exp: dict) -> dict:
   """The data actually used, for the output."""
   ds = dataset_for(exp)
+  if sweep_lib.is_streaming(ds):
+    return {"train_examples": int(ds.num_train), "test_examples": None,
+            "num_classes": int(ds.num_classes), "streamed": True}
   return {"train_examples": int(ds.train_x.shape[0]),
           "test_examples": int(ds.test_x.shape[0]),
           "num_classes": int(ds.num_classes)}

@@ -139,6 +139,9 @@ class _Programs:
       return train_lib.train_step(model, config, state,
                                   (x_all[idx], y_all[idx]), hp)
 
+    def shared_step_one(state, x, y, hp):  # one streamed batch for all configs
+      return train_lib.train_step(model, config, state, (x, y), hp)
+
     def epoch_one(state, x_all, y_all, idx, hp):
       def body(s, i):
         return step_one(s, x_all, y_all, i, hp)
@@ -152,9 +155,37 @@ class _Programs:
 
     self.init = _over_configs(init_one, how, (0, None, 0))
     self.step = _over_configs(step_one, how, (0, None, None, 0, 0))
+    self.shared_step = _over_configs(shared_step_one, how, (0, None, None, 0))
     self.epoch = _over_configs(epoch_one, how, (0, None, None, 0, 0))
     self.eval = _over_configs(eval_one, how, (0, None, None, 0))
     self.strategy = strategy
+
+  def run_stream_epoch(self, states, batches, hps):
+    """One epoch over streamed ``(x, y)`` batches shared by every config."""
+    totals, steps = None, 0
+    for x, y in batches:
+      states, metrics = self.shared_step(states, jnp.asarray(x),
+                                         jnp.asarray(y), hps)
+      totals = metrics if totals is None else jax.tree.map(jnp.add, totals,
+                                                           metrics)
+      steps += 1
+    if not steps:
+      raise ValueError("the training stream yielded no batch this epoch.")
+    return states, jax.tree.map(lambda v: v / steps, totals)
+
+  def stream_eval(self, states, batches, hps):
+    """Test metrics over streamed batches, weighted by batch size."""
+    sums, count, flips = None, 0, None
+    for x, y in batches:
+      out = self.eval(states, jnp.asarray(x), jnp.asarray(y), hps)
+      flips = out.pop("sign_flips")
+      weighted = jax.tree.map(lambda v: v * len(y), out)
+      sums = weighted if sums is None else jax.tree.map(jnp.add, sums,
+                                                        weighted)
+      count += len(y)
+    if not count:
+      raise ValueError("the test stream yielded no batch.")
+    return dict(jax.tree.map(lambda v: v / count, sums), sign_flips=flips)
 
   def run_epoch(self, states, x, y, idx, hps):
     """``idx``: ``[C, steps, batch]``; returns states and mean metrics."""
@@ -207,14 +238,20 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
   keys = jnp.stack([jax.random.PRNGKey(c["seed"]) for c in configs])
   hps = {name: jnp.asarray([c[name] for c in configs], jnp.float32)
          for name in configs[0] if name != "seed"}
-  x_train = jnp.asarray(dataset.train_x)
-  y_train = jnp.asarray(dataset.train_y)
-  x_test, y_test = jnp.asarray(dataset.test_x), jnp.asarray(dataset.test_y)
+  streaming = is_streaming(dataset)
+  if streaming:
+    sample_x = jnp.asarray(next(iter(dataset.train_batches(
+        0, config.batch_size)))[0])
+  else:
+    x_train = jnp.asarray(dataset.train_x)
+    y_train = jnp.asarray(dataset.train_y)
+    x_test, y_test = jnp.asarray(dataset.test_x), jnp.asarray(dataset.test_y)
+    sample_x = x_train[:config.batch_size]
   if sharding is not None:
     keys, hps = jax.device_put((keys, hps), sharding)
 
   programs = _programs(model, config, strategy)
-  states = programs.init(keys, x_train[:config.batch_size], hps)
+  states = programs.init(keys, sample_x, hps)
   history, start_epoch = [], 0
   if checkpoint_dir:
     restored = ckpt_lib.restore(checkpoint_dir, states)
@@ -223,7 +260,7 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
       if sharding is not None:
         states = jax.device_put(states, sharding)
 
-  shuffle = jax.jit(jax.vmap(
+  shuffle = None if streaming else jax.jit(jax.vmap(
       lambda k: batching.shuffle_batches(k, x_train.shape[0],
                                          config.batch_size)))
   bar = _progress(range(start_epoch, config.epochs), progress,
@@ -231,11 +268,17 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
                   initial=start_epoch, total=config.epochs)
   for epoch in bar:
     t0 = time.perf_counter()
-    epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(states.key)
-    idx = shuffle(epoch_keys)
-    states, train_metrics = programs.run_epoch(states, x_train, y_train, idx,
-                                               hps)
-    evals = programs.eval(states, x_test, y_test, hps)
+    if streaming:
+      states, train_metrics = programs.run_stream_epoch(
+          states, dataset.train_batches(epoch, config.batch_size), hps)
+      evals = programs.stream_eval(states, dataset.test_batches(1000), hps)
+    else:
+      epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(
+          states.key)
+      idx = shuffle(epoch_keys)
+      states, train_metrics = programs.run_epoch(states, x_train, y_train,
+                                                 idx, hps)
+      evals = programs.eval(states, x_test, y_test, hps)
     record = _epoch_record(epoch, train_metrics, evals, num_real,
                            time.perf_counter() - t0)
     history.append(record)
@@ -275,6 +318,11 @@ def _progress(iterable, enabled: bool, **kwargs):
   return tqdm(iterable, leave=True, **kwargs)
 
 
+def is_streaming(dataset) -> bool:
+  """A :class:`qjax.data.StreamingDataset` rather than in-memory arrays."""
+  return hasattr(dataset, "train_batches")
+
+
 def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
           model_name: str = "", strategy: Strategy | None = None,
           max_configs_per_chunk: int | None = None,
@@ -283,7 +331,9 @@ def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
 
   Args:
     model: a Flax module.
-    dataset: a :class:`qjax.data.Dataset`.
+    dataset: a :class:`qjax.data.Dataset` (on the device, one shuffle per
+      seed) or a :class:`qjax.data.StreamingDataset` (streamed from the host,
+      one shuffle per epoch shared by the configs; e.g. ImageNet).
     config: static settings; ``steps_per_epoch`` is filled in here.
     spec: seeds x learning rates.
     model_name: used by :func:`choose_strategy`.
@@ -297,7 +347,7 @@ def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
     ``{"configs": [...], "history": [epoch records with [config] lists],
     "strategy": {...}, "final_state": stacked TrainState}``.
   """
-  n = dataset.train_x.shape[0]
+  n = dataset.num_train if is_streaming(dataset) else dataset.train_x.shape[0]
   if config.batch_size > n:
     raise ValueError(f"batch_size={config.batch_size} exceeds the "
                      f"{n} training examples of {dataset.name!r}.")

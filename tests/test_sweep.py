@@ -156,3 +156,45 @@ def test_grid_scale_is_a_sweep_axis_and_changes_the_grid(small_digits):
   h = np.float32(np.sqrt(1.5 / (64 + 32)))
   np.testing.assert_allclose(np.unique(np.abs(kernel[0])), [h], rtol=1e-6)
   np.testing.assert_allclose(np.unique(np.abs(kernel[1])), [2 * h], rtol=1e-6)
+
+
+def _array_stream(ds):
+  """A StreamingDataset over in-memory arrays, one numpy shuffle per epoch."""
+  def train_batches(epoch, batch_size):
+    order = np.random.default_rng(epoch).permutation(len(ds.train_y))
+    for s in range(0, len(order) - batch_size + 1, batch_size):
+      yield ds.train_x[order[s:s + batch_size]], ds.train_y[order[s:s + batch_size]]
+
+  def test_batches(batch_size):
+    for s in range(0, len(ds.test_y), batch_size):
+      yield ds.test_x[s:s + batch_size], ds.test_y[s:s + batch_size]
+  return data.StreamingDataset(ds.name, ds.num_classes, len(ds.train_y),
+                               train_batches, test_batches)
+
+
+def test_streaming_dataset_trains_every_config_and_evaluates_all_examples():
+  ds = data.load("digits")
+  stream = _array_stream(ds)
+  out = sweep(_model(), stream, TrainConfig(method="bc", batch_size=64,
+                                            epochs=2),
+              SweepSpec(seeds=(0, 1), lrs=(0.01,)), model_name="mlp",
+              progress=False)
+  assert out["train_config"]["steps_per_epoch"] == len(ds.train_y) // 64
+  errors = out["history"][-1]["test_error"]
+  assert len(errors) == 2 and max(errors) < 0.3
+  # Evaluation covered the whole test set: error * n is an integer count.
+  n = len(ds.test_y)
+  assert all(abs(e * n - round(e * n)) < 1e-3 for e in errors)
+
+
+def test_tfds_stream_feeds_a_sweep():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=96,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    stream = data.tfds_stream("mnist")
+    assert stream.num_train == 96 and stream.num_classes == 10
+    out = sweep(models.get("mlp", 10, features=(16,)), stream,
+                TrainConfig(method="sr", batch_size=32, epochs=1),
+                SweepSpec(seeds=(0,), lrs=(0.01,)), progress=False)
+  assert out["train_config"]["steps_per_epoch"] == 3
+  assert 0.0 <= out["history"][0]["test_error"][0] <= 1.0

@@ -18,8 +18,10 @@ from qjax.data.loaders import Dataset
 from qjax.data.loaders import default_cache_dir
 from qjax.data.loaders import load
 from qjax.data.registry import KNOWN_NAMES
+from qjax.data.tfds_adapter import StreamingDataset
 from qjax.data.tfds_adapter import load_tfds
 from qjax.data.tfds_adapter import tfds_batches
+from qjax.data.tfds_adapter import tfds_stream
 
 __all__ = [
     "augment_cifar",
@@ -36,6 +38,8 @@ __all__ = [
     "default_cache_dir",
     "load",
     "KNOWN_NAMES",
+    "StreamingDataset",
     "load_tfds",
     "tfds_batches",
+    "tfds_stream",
 ]

@@ -8,7 +8,7 @@ no TensorFlow. Datasets must be prepared in the ArrayRecord format, e.g.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -112,3 +112,54 @@ def tfds_batches(name: str, split: str, batch_size: int,
   for start in range(0, stop, batch_size):
     indices = [int(i) for i in order[start:start + batch_size]]
     yield _stack([source[i] for i in indices], preprocess)
+
+
+class StreamingDataset(NamedTuple):
+  """A dataset streamed epoch by epoch instead of held in memory (ImageNet).
+
+  ``qjax.sweep.sweep`` accepts it wherever it accepts a :class:`Dataset`:
+  every config of a chunk trains on the same stream (one shuffle per epoch,
+  not one per seed), fed from the host batch by batch.
+
+  Attributes:
+    name: dataset name.
+    num_classes: number of labels.
+    num_train: training examples (sets ``steps_per_epoch``).
+    train_batches: ``(epoch, batch_size) -> iterator of (x, y)`` numpy
+      batches, shuffled per epoch, full batches only.
+    test_batches: ``batch_size -> iterator of (x, y)`` covering the test set.
+  """
+  name: str
+  num_classes: int
+  num_train: int
+  train_batches: Callable[[int, int], Iterator[tuple[np.ndarray, np.ndarray]]]
+  test_batches: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def tfds_stream(name: str, data_dir: str | os.PathLike | None = None,
+                split: tuple[str, str] = ("train", "test"), *, seed: int = 0,
+                preprocess: Preprocess = default_preprocess
+                ) -> StreamingDataset:
+  """A prepared TFDS dataset as a :class:`StreamingDataset` (e.g. ImageNet).
+
+  Args:
+    name: a TFDS name, e.g. 'imagenet2012'.
+    data_dir: TFDS data directory (None: TFDS's default).
+    split: the (train, test) split names, e.g. ('train', 'validation').
+    seed: epoch ``e`` is shuffled with numpy seed ``seed + e``.
+    preprocess: example dict -> (image float32 [H, W, C], label); for
+      ImageNet it must resize/crop to one shape.
+  """
+  tfds = _tfds()
+  train_split, test_split = split
+  builder = tfds.builder(name, data_dir=data_dir)
+  num_train = len(tfds.data_source(name, split=train_split, data_dir=data_dir))
+  return StreamingDataset(
+      name=name, num_classes=int(builder.info.features["label"].num_classes),
+      num_train=num_train,
+      train_batches=lambda epoch, batch_size: tfds_batches(
+          name, train_split, batch_size, data_dir, seed=seed + epoch,
+          preprocess=preprocess),
+      test_batches=lambda batch_size: tfds_batches(
+          name, test_split, batch_size, data_dir, drop_remainder=False,
+          preprocess=preprocess))
