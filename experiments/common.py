@@ -271,11 +271,12 @@ def pyplot():
   return plt
 
 
-def save_figure(fig, out_dir: str, name: str) -> str:
+def save_figure(fig, out_dir: str, name: str, dpi: int = 110) -> str:
+  """Lays out, writes ``out_dir/name`` as PNG, closes ``fig``; the path."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=dpi)
   pyplot().close(fig)
   return path
 

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from experiments import common
 from qjax import results as results_lib
 from qjax.theory import convex
 
@@ -172,9 +173,7 @@ def run(cfg: dict) -> dict:
 
 def plot(results: dict, out_dir: str) -> list[str]:
   """Writes the figures; returns their paths."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
   cfg, sw = results["config"], results["sweeps"]
   deltas, lrs, d = np.asarray(cfg["deltas"]), np.asarray(cfg["lrs"]), results[
       "d"]
@@ -194,7 +193,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
     ax.legend(fontsize=7)
   axes[0].set_title(f"SGD-based, least squares, Δ={deltas[i_d]:g}")
   axes[1].set_title(f"Adam-based, Δ={deltas[i_d]:g}")
-  paths.append(_save(fig, out_dir, "convex_excess_vs_iterations.png"))
+  paths.append(common.save_figure(
+      fig, out_dir, "convex_excess_vs_iterations.png", dpi=90))
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   ax = axes[0]
@@ -219,7 +219,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
   ax.set_xlabel("α")
   ax.set_title(f"floor vs α (Δ={deltas[i_d]:g})")
   ax.legend(fontsize=7)
-  paths.append(_save(fig, out_dir, "convex_floor_vs_delta_alpha.png"))
+  paths.append(common.save_figure(
+      fig, out_dir, "convex_floor_vs_delta_alpha.png", dpi=90))
 
   th = results["theorem"]
   fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -231,7 +232,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
   ax.set_title("SR, α_t = 1/(μ(t+t0)): measured (solid) vs bound (dashed)",
                fontsize=9)
   ax.legend(fontsize=7)
-  paths.append(_save(fig, out_dir, "convex_sr_theorem.png"))
+  paths.append(common.save_figure(
+      fig, out_dir, "convex_sr_theorem.png", dpi=90))
 
   if "logistic" in results:
     lw = results["logistic"]["sweeps"]
@@ -249,17 +251,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
     axes[1].set_title(f"floor vs α (Δ={deltas[i_d]:g})")
     for ax in axes:
       ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir, "convex_logistic.png"))
+    paths.append(common.save_figure(
+        fig, out_dir, "convex_logistic.png", dpi=90))
   return paths
-
-
-def _save(fig, out_dir, name):
-  path = os.path.join(out_dir, name)
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  import matplotlib.pyplot as plt
-  plt.close(fig)
-  return path
 
 
 def main(argv=None) -> dict:

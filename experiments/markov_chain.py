@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from qjax import results as results_lib
 from qjax import quantizers
 from qjax.theory import markov
@@ -188,9 +189,7 @@ def run(cfg: dict) -> dict:
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = common.pyplot()
   paths = []
   f1 = results["figure1"]
   al = np.array([r["alpha"] for r in f1["rows"]])
@@ -205,7 +204,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
   axes[1].set_ylim(0, 1)
   axes[1].set_xlabel("α")
   axes[1].set_title("P(up | move): direction odds")
-  paths.append(_save(fig, out_dir, "markov_figure1.png"))
+  paths.append(common.save_figure(
+      fig, out_dir, "markov_figure1.png", dpi=80))
 
   lim = results["limit"]
   fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -226,7 +226,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
   axes[2].set_xlabel("α")
   axes[2].set_title("0.25-mixing time")
   axes[2].legend()
-  paths.append(_save(fig, out_dir, "markov_limit_mixing.png"))
+  paths.append(common.save_figure(
+      fig, out_dir, "markov_limit_mixing.png", dpi=80))
 
   ev = results["exact_vs_simulated"]
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -235,7 +236,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
   ax.set_title(f"α={ev['alpha']:g}, T={ev['steps']}: TV={ev['tv']:.4f} "
                f"(tol {ev['tol']:.4f})", fontsize=9)
   ax.legend()
-  paths.append(_save(fig, out_dir, "markov_exact_vs_simulated.png"))
+  paths.append(common.save_figure(
+      fig, out_dir, "markov_exact_vs_simulated.png", dpi=80))
 
   toy = results["toy2d"]
   runs, n = toy["runs"], len(toy["chain"].axis)
@@ -247,17 +249,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
                         cmap="viridis")
       axes[i, j].set_title(f"{m.upper()}, α={a:g}, H={r[m + '_entropy']:.2f}",
                            fontsize=9)
-  paths.append(_save(fig, out_dir, "markov_toy2d.png"))
+  paths.append(common.save_figure(
+      fig, out_dir, "markov_toy2d.png", dpi=80))
   return paths
-
-
-def _save(fig, out_dir, name):
-  import matplotlib.pyplot as plt
-  path = os.path.join(out_dir, name)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
 
 
 def summary(results: dict) -> dict:
