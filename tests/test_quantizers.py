@@ -191,3 +191,38 @@ def test_per_channel_mean_abs_scale_as_a_grid(rng):
                            qjax.mean_abs_scale(leaf)))["kernel"]
   expected = jnp.where(w >= 0, 1.0, -1.0) * qjax.mean_abs_scale(w)
   np.testing.assert_allclose(view, expected, rtol=1e-6)
+
+
+def test_uniform_is_uniform_and_independent(key):
+  """The SR noise: chi-square over 64 bins, moments, lag-1 and lag-n/2
+  correlations (threefry_2x32 pairs element i with element i + n/2)."""
+  n = 1 << 20
+  u = np.asarray(qjax.quantizers.uniform(key, (n,)), np.float64)
+  assert u.min() >= 0.0 and u.max() < 1.0
+  assert abs(u.mean() - 0.5) < 5 * np.sqrt(1 / 12 / n)
+  assert abs(u.var() - 1 / 12) < 5 * np.sqrt(1 / 180 / n)
+  counts = np.bincount((u * 64).astype(int), minlength=64)
+  chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum()
+  assert chi2 < 63 + 6 * np.sqrt(2 * 63)  # 63 dof, 6 sigma
+  for a, b in ((u[:-1], u[1:]), (u[:n // 2], u[n // 2:])):
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(len(a))
+
+
+def test_uniform_is_a_function_of_the_key_and_vmaps_lane_by_lane(key):
+  keys = jax.random.split(key, 4)
+  batched = jax.vmap(lambda k: qjax.quantizers.uniform(k, (3, 5)))(keys)
+  for k, lane in zip(keys, batched):
+    assert np.array_equal(lane, qjax.quantizers.uniform(k, (3, 5)))
+  assert not np.array_equal(batched[0], batched[1])
+  raw = jax.random.key_data(keys[0])  # a raw uint32[2] key draws the same
+  assert np.array_equal(qjax.quantizers.uniform(raw, (3, 5)), batched[0])
+  jitted = jax.jit(qjax.quantizers.uniform, static_argnums=1)(keys[0], (3, 5))
+  assert np.array_equal(jitted, batched[0])
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (2, 3, 5)])
+def test_uniform_shapes_and_other_prngs(shape, key):
+  assert qjax.quantizers.uniform(key, shape).shape == shape
+  rbg = qjax.quantizers.uniform(jax.random.key(0, impl="rbg"), shape)
+  assert rbg.shape == shape and rbg.dtype == jnp.float32
+  assert bool(jnp.all((rbg >= 0) & (rbg < 1)))
