@@ -15,16 +15,24 @@ What is timed: training steps only (``_Programs.run_epoch`` up to
 shuffling and evaluation are excluded. The sequential baseline reuses one
 compiled single-config program for every seed and pays no compilation, which
 favours it over 16 calls of :func:`qjax.sweep.train` (each of which compiles).
+Inputs are placed as the engine places them: by default the CPU is exposed as
+one device per core (:func:`qjax.sweep.cpu_devices`, as ``experiments.train``
+does), so the sweep's configs are sharded over the cores while a sequential
+run uses one device; ``--cpu-devices 1`` measures the unsharded engine.
+Every measurement runs once per round, rounds interleaved, and the fastest
+round counts: the machine's load drifts, and interleaving exposes sweeps and
+sequential runs to the same drift.
 An epoch is ``--steps`` batches of 128: the training set is cut to
 ``steps * 128`` examples (MNIST from the cache, else synthetic arrays of the
 same shape; throughput does not depend on the pixel values).
 
-Runtime on 2 shared CPU cores with the default steps (MLP 50, CNN 2): the
-MLP takes well under a minute for every strategy; the CNN about 4 min with
-``--strategies auto`` and about 12 min with ``all`` (a CNN step is 1-2 s).
+Runtime on 2 shared CPU cores with the default steps and rounds (MLP 50
+steps x 5 rounds, CNN 5 steps x 3 rounds): about 1 min per model with
+``--strategies auto`` (a CNN step is about 0.15 s, an MLP step 3 ms); ``all``
+takes several times longer (scanned and vmapped CNN steps are slow on CPU).
 
 Command: ``python -m benchmarks.sweep_throughput [--configs 16] [--steps N]
-[--models mlp,cnn] [--strategies auto|all] [--repeats R]
+[--models mlp,cnn] [--strategies auto|all] [--repeats R] [--cpu-devices N]
 [--out results/benchmarks/sweep_throughput.json]``.
 """
 
@@ -51,11 +59,11 @@ BATCH = 128
 LR = 1e-3
 MODEL_KWARGS = {"mlp": {"features": (256, 256)}, "cnn": {}}
 TARGETS = {"mlp": 1.5, "cnn": 1.0}  # sweep / sequential examples per second
-# A CNN step takes about 1-2 s on 2 shared CPU cores, an MLP step a millisecond.
-DEFAULT_STEPS = {"mlp": 50, "cnn": 2}
-# Timed epochs per measurement (the fastest counts): a shared CPU makes one
-# MLP epoch vary by up to 1.7x between runs; a CNN measurement is minutes long.
-DEFAULT_REPEATS = {"mlp": 3, "cnn": 1}
+# A CNN step takes about 0.15 s on 2 shared CPU cores, an MLP step 3 ms.
+DEFAULT_STEPS = {"mlp": 50, "cnn": 5}
+# Rounds per measurement (the fastest counts): on this shared CPU the same
+# 16 sequential MLP epochs measured anywhere from 2.9 to 4.2 s.
+DEFAULT_REPEATS = {"mlp": 5, "cnn": 3}
 ALL_STRATEGIES = tuple(sweep_lib.Strategy(steps, configs)
                        for steps in ("scan", "loop")
                        for configs in ("vmap", "map", "loop"))
@@ -88,42 +96,57 @@ class _Runner:
 
   def __init__(self, model, config, strategy, x, y):
     self.programs = sweep_lib._Programs(model, config, strategy)  # pylint: disable=protected-access
-    self.x, self.y, self.config = jnp.asarray(x), jnp.asarray(y), config
+    self.data, self.config = (x, y), config
     self.shuffle = jax.jit(jax.vmap(lambda k: data_lib.shuffle_batches(
         k, x.shape[0], config.batch_size)))
 
   def prepare(self, seeds) -> tuple:
-    """Initial states, hparams and one epoch of batch indices for ``seeds``."""
+    """Initial states, hparams, data and one epoch of batch indices for
+    ``seeds``, placed as :func:`qjax.sweep.run_chunk` places them (configs
+    sharded over up to ``len(seeds)`` devices, data on each of them)."""
     keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     hps = {"lr": jnp.full((len(seeds),), LR, jnp.float32)}
-    states = self.programs.init(keys, self.x[:self.config.batch_size], hps)
+    sharding = sweep_lib._config_sharding(len(seeds))  # pylint: disable=protected-access
+    if sharding is not None:
+      if len(seeds) % len(sharding.device_set):
+        raise ValueError(f"--configs {len(seeds)} must be a multiple of the "
+                         f"{len(sharding.device_set)} devices.")
+      keys, hps = jax.device_put((keys, hps), sharding)
+    x, y = sweep_lib._replicated(sharding, self.data)  # pylint: disable=protected-access
+    states = self.programs.init(keys, x[:self.config.batch_size], hps)
     idx = self.shuffle(states.key)
-    return jax.block_until_ready((states, hps, idx))
+    return jax.block_until_ready((states, hps, x, y, idx))
 
-  def epoch_seconds(self, states, hps, idx) -> float:
+  def epoch_seconds(self, states, hps, x, y, idx) -> float:
     t0 = time.perf_counter()
-    jax.block_until_ready(self.programs.run_epoch(states, self.x, self.y, idx,
-                                                  hps))
+    jax.block_until_ready(self.programs.run_epoch(states, x, y, idx, hps))
     return time.perf_counter() - t0
 
   def warm_up(self, seeds) -> None:
     self.epoch_seconds(*self.prepare(seeds))
 
 
-def time_sweep(runner: _Runner, num_configs: int, repeats: int) -> float:
-  """Seconds of the fastest of ``repeats`` epochs of all configs at once."""
-  seeds = list(range(num_configs))
-  runner.warm_up(seeds)
-  inputs = runner.prepare(seeds)
-  return min(runner.epoch_seconds(*inputs) for _ in range(repeats))
+class _Timing:
+  """One measured program: a sweep of all configs, or one config at a time.
 
+  ``once()`` times one epoch of every config; the fastest of the rounds
+  counts. Sequential runs reuse one compiled single-config program and pay
+  no compilation.
+  """
 
-def time_sequential(runner: _Runner, num_configs: int, repeats: int) -> float:
-  """Seconds of ``num_configs`` one-config epochs, one after another."""
-  runner.warm_up([0])
-  inputs = [runner.prepare([s]) for s in range(num_configs)]
-  return min(sum(runner.epoch_seconds(*i) for i in inputs)
-             for _ in range(repeats))
+  def __init__(self, runner: _Runner, kind: str, num_configs: int):
+    self.kind, self.runner, self.best = kind, runner, float("inf")
+    if kind == "sweep":
+      runner.warm_up(list(range(num_configs)))
+      self.inputs = [runner.prepare(list(range(num_configs)))]
+    else:
+      runner.warm_up([0])
+      self.inputs = [runner.prepare([s]) for s in range(num_configs)]
+
+  def once(self) -> float:
+    seconds = sum(self.runner.epoch_seconds(*i) for i in self.inputs)
+    self.best = min(self.best, seconds)
+    return seconds
 
 
 def _row(model_name, kind, strategy, num_configs, steps, seconds,
@@ -150,21 +173,23 @@ def bench_model(model_name: str, args) -> list[dict]:
   seq_strategies = [chosen] + [
       dataclasses.replace(chosen, steps=s) for s in ("scan", "loop")
       if args.strategies == "all" and s != chosen.steps]
-  rows = []
-  for strategy in seq_strategies:
-    runner = _Runner(model, config, strategy, x, y)
-    seconds = time_sequential(runner, args.configs, repeats)
-    rows.append(_row(model_name, "sequential", strategy, args.configs,
-                     steps, seconds, strategy == chosen))
-    _print_progress(rows[-1])
+  timings = [_Timing(_Runner(model, config, st, x, y), "sequential",
+                     args.configs) for st in seq_strategies]
+  timings += [_Timing(_Runner(model, config, st, x, y), "sweep",
+                      args.configs) for st in strategies]
+  # Rounds interleave every measurement, so that a change in the machine's
+  # load during the benchmark hits sweeps and sequential runs alike.
+  for r in range(repeats):
+    for timing, strategy in zip(timings, seq_strategies + list(strategies)):
+      seconds = timing.once()
+      print(f"  round {r + 1}/{repeats}: {model_name} {timing.kind} "
+            f"{_label(strategy)}: {seconds:.2f} s", flush=True)
+  rows = [_row(model_name, t.kind, st, args.configs, steps, t.best,
+               st == chosen)
+          for t, st in zip(timings, seq_strategies + list(strategies))]
   baseline = rows[0]["examples_per_s"]
-  best_sequential = max(r["examples_per_s"] for r in rows)
-  for strategy in strategies:
-    runner = _Runner(model, config, strategy, x, y)
-    seconds = time_sweep(runner, args.configs, repeats)
-    rows.append(_row(model_name, "sweep", strategy, args.configs, steps,
-                     seconds, strategy == chosen))
-    _print_progress(rows[-1])
+  best_sequential = max(r["examples_per_s"] for r in rows
+                        if r["kind"] == "sequential")
   target = TARGETS[model_name]
   for row in rows:
     row["data"] = source
@@ -175,11 +200,6 @@ def bench_model(model_name: str, args) -> list[dict]:
       row["target"] = target
       row["pass"] = bool(row["ratio"] >= target)
   return rows
-
-
-def _print_progress(row: dict) -> None:
-  print(f"  timed {row['model']} {row['kind']} {row['strategy']}: "
-        f"{row['seconds']:.2f} s", flush=True)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -231,7 +251,12 @@ def main(argv=None) -> dict:
                       f"default per model {DEFAULT_REPEATS}")
   parser.add_argument("--out",
                       default="results/benchmarks/sweep_throughput.json")
+  parser.add_argument("--cpu-devices", type=int, default=None,
+                      help="expose the CPU as this many devices (default: "
+                      "one per core, as experiments.train does; 1: one "
+                      "device); see qjax.sweep.cpu_devices")
   args = parser.parse_args(argv)
+  cpu_devices = sweep_lib.cpu_devices(args.cpu_devices)
   models = [m for m in args.models.split(",") if m]
   unknown = sorted(set(models) - set(TARGETS))
   if unknown:
@@ -248,6 +273,7 @@ def main(argv=None) -> dict:
       "rows": rows, "notes": notes, "batch_size": BATCH,
       "lr": LR, "method": f"{args.method}-adam",
       "backend": jax.default_backend(), "devices": len(jax.devices()),
+      "cpu_devices": cpu_devices,
       "cpu_count": os.cpu_count(), "jax": jax.__version__,
       "qjax": getattr(qjax, "__version__", None),
       "python": platform.python_version(),

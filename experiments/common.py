@@ -291,13 +291,23 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
                  help="comma-separated experiment names to keep "
                  "(e.g. mnist/mlp)")
   p.add_argument("--no-progress", action="store_true")
+  add_cpu_devices_flag(p)
   return p
+
+
+def add_cpu_devices_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--cpu-devices", type=int, default=None,
+                 help="expose the CPU as this many JAX devices, over which "
+                 "a sweep's configs are sharded (default: one per core; 1: "
+                 "one device; no effect on GPU/TPU); see "
+                 "qjax.sweep.cpu_devices")
 
 
 def main(name: str, doc: str, config: Callable, run: Callable,
          plot: Callable, summary: Callable, argv=None) -> int:
   """The shared entry point: parse, run, write, plot, print a summary."""
   args = parser(name, doc).parse_args(argv)
+  sweep_lib.cpu_devices(args.cpu_devices)  # before JAX creates an array
   cfg = config(args.scale)
   if args.only:
     cfg = select(cfg, [n for n in args.only.split(",") if n])

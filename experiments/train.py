@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+from experiments import common
 from qjax import data as data_lib
 from qjax import models
 from qjax import results as results_lib
@@ -77,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--smoke", action="store_true",
                  help="digits, 1 epoch, 2 seeds: runs in seconds")
+  common.add_cpu_devices_flag(p)
   return p
 
 
@@ -152,6 +154,7 @@ def write(out_dir: str, payload: dict) -> None:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  sweep_lib.cpu_devices(args.cpu_devices)  # before JAX creates an array
   try:
     payload = run(args)
   except data_lib.DatasetNotFoundError as err:

@@ -9,6 +9,11 @@ import pytest
 
 # Float64 stays off, as for users; tests that need it enable it locally.
 jax.config.update("jax_enable_x64", False)
+# One CPU device, whatever an in-process experiment's CLI would choose
+# (qjax.sweep.cpu_devices); multi-device runs are tested in subprocesses.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
+                                                                 ""):
+  jax.config.update("jax_num_cpu_devices", 1)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from qjax import data, models
-from qjax.sweep import Strategy, SweepSpec, choose_strategy, sweep, train
+from qjax.sweep import (Strategy, SweepSpec, choose_strategy, cpu_devices,
+                        sweep, train)
 from qjax.train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,20 +85,32 @@ def test_chunks_give_the_same_result_as_one_program(small_digits):
 
 
 _SHARDED = r"""
-import json, sys
+import functools, json
 import jax, numpy as np
+import qjax.sweep
 from qjax import data, models
 from qjax.sweep import SweepSpec, Strategy, sweep
 from qjax.train import TrainConfig
 ds = data.load("digits")
 ds = ds._replace(train_x=ds.train_x[:256], train_y=ds.train_y[:256])
-out = sweep(models.get("mlp", 10, features=(16,)), ds,
-            TrainConfig(method="sr", batch_size=64, epochs=1),
-            SweepSpec(seeds=(0, 1, 2), lrs=(0.01,)), progress=False,
-            strategy=Strategy("loop", "map"))
-print(json.dumps({"devices": jax.device_count(), "sharded": out["devices"],
-                  "kernel": np.asarray(out["final_state"].params["Dense_0"]["kernel"]).tolist(),
-                  "error": out["history"][-1]["test_error"]}))
+out = {"devices": jax.device_count()}
+unpadded = qjax.sweep._config_sharding
+for steps, configs, seeds, pad in [
+    ("loop", "map", 6, False), ("scan", "vmap", 8, False),
+    ("loop", "loop", 8, False), ("scan", "vmap", 1, False),
+    ("loop", "loop", 5, True), ("scan", "vmap", 5, True)]:
+  # pad=True is the accelerator policy: 5 configs padded to 8 on 4 devices.
+  qjax.sweep._config_sharding = functools.partial(unpadded, pad=pad)
+  run = sweep(models.get("mlp", 10, features=(16,)), ds,
+              TrainConfig(method="sr", batch_size=64, epochs=1),
+              SweepSpec(seeds=tuple(range(seeds)), lrs=(0.01,)),
+              progress=False, strategy=Strategy(steps, configs))
+  out[f"{steps}/{configs}/{seeds}/{pad}"] = {
+      "sharded": run["devices"],
+      "kernel": np.asarray(run["final_state"].params["Dense_0"]["kernel"]
+                           ).tolist(),
+      "error": run["history"][-1]["test_error"]}
+print(json.dumps(out))
 """
 
 
@@ -111,11 +124,46 @@ def _run_with_devices(n: int) -> dict:
 
 
 def test_sweep_is_sharded_over_four_devices_with_the_same_results():
+  """On 4 CPU devices: 6 configs use 3 devices, 8 use 4, a single run 1, and
+  with padding (the accelerator policy) 5 configs use 4; for every config
+  strategy the result equals the 1-device run."""
   four, one = _run_with_devices(4), _run_with_devices(1)
-  assert four["devices"] == 4 and one["devices"] == 1
-  assert four["sharded"] == 4 and one["sharded"] == 1
-  assert np.array_equal(np.asarray(four["kernel"]), np.asarray(one["kernel"]))
-  assert four["error"] == one["error"]
+  assert four.pop("devices") == 4 and one.pop("devices") == 1
+  expected = {"loop/map/6/False": 3, "scan/vmap/8/False": 4,
+              "loop/loop/8/False": 4, "scan/vmap/1/False": 1,
+              "loop/loop/5/True": 4, "scan/vmap/5/True": 4}
+  assert set(four) == set(expected)
+  for name, run in four.items():
+    assert run["sharded"] == expected[name], name
+    assert one[name]["sharded"] == 1
+    assert np.array_equal(np.asarray(run["kernel"]),
+                          np.asarray(one[name]["kernel"])), name
+    assert run["error"] == one[name]["error"], name
+
+
+_CPU_DEVICES = r"""
+import sys
+import jax
+from qjax.sweep import cpu_devices
+first = cpu_devices(3)
+jax.numpy.zeros(1)  # backends are up: a later call changes nothing
+print(first, cpu_devices(2), len(jax.devices()))
+"""
+
+
+@pytest.mark.parametrize("xla_flags, expected", [
+    ("", "3 3 3"),
+    ("--xla_force_host_platform_device_count=4", "4 4 4")])
+def test_cpu_devices_splits_the_host_unless_the_user_chose(xla_flags,
+                                                           expected):
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  proc = subprocess.run([sys.executable, "-c", _CPU_DEVICES], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split("\n")[-2] == expected
+  with pytest.raises(ValueError, match="count must be an int >= 1"):
+    cpu_devices(0)
 
 
 def test_strategy_choice_and_bad_inputs(small_digits):
