@@ -226,6 +226,13 @@ def test_uniform_equals_jax_random_uniform(shape, key):
       raw, shape), expected)
 
 
+def test_uniform_follows_jax_in_the_non_partitionable_mode(key):
+  with jax.threefry_partitionable(False):
+    expected = jax.random.uniform(key, (5, 7))
+    assert np.array_equal(qjax.quantizers.uniform(key, (5, 7)), expected)
+  assert not np.array_equal(expected, jax.random.uniform(key, (5, 7)))
+
+
 def test_uniform_vmaps_lane_by_lane(key):
   keys = jax.random.split(key, 4)
   batched = jax.vmap(lambda k: qjax.quantizers.uniform(k, (3, 5)))(keys)
