@@ -100,6 +100,7 @@ class _Runner:
   def __init__(self, model, config, strategy, x, y):
     self.programs = sweep_lib._Programs(model, config, strategy)  # pylint: disable=protected-access
     self.data, self.config = (x, y), config
+    self.placed = {}  # device count -> (x, y) on those devices, made once
     self.shuffle = jax.jit(jax.vmap(lambda k: data_lib.shuffle_batches(
         k, x.shape[0], config.batch_size)))
 
@@ -115,7 +116,10 @@ class _Runner:
         raise ValueError(f"--configs {len(seeds)} must be a multiple of the "
                          f"{len(sharding.device_set)} devices.")
       keys, hps = jax.device_put((keys, hps), sharding)
-    x, y = sweep_lib._replicated(sharding, self.data)  # pylint: disable=protected-access
+    count = 1 if sharding is None else len(sharding.device_set)
+    if count not in self.placed:
+      self.placed[count] = sweep_lib._replicated(sharding, self.data)  # pylint: disable=protected-access
+    x, y = self.placed[count]
     states = self.programs.init(keys, x[:self.config.batch_size], hps)
     idx = self.shuffle(states.key)
     return jax.block_until_ready((states, hps, x, y, idx))
@@ -138,7 +142,7 @@ class _Timing:
   """
 
   def __init__(self, runner: _Runner, kind: str, num_configs: int):
-    self.kind, self.runner, self.best = kind, runner, float("inf")
+    self.runner, self.best = runner, float("inf")
     if kind == "sweep":
       runner.warm_up(list(range(num_configs)))
       self.inputs = [runner.prepare(list(range(num_configs)))]
@@ -176,20 +180,19 @@ def bench_model(model_name: str, args) -> list[dict]:
   seq_strategies = [chosen] + [
       dataclasses.replace(chosen, steps=s) for s in ("scan", "loop")
       if args.strategies == "all" and s != chosen.steps]
-  timings = [_Timing(_Runner(model, config, st, x, y), "sequential",
-                     args.configs) for st in seq_strategies]
-  timings += [_Timing(_Runner(model, config, st, x, y), "sweep",
-                      args.configs) for st in strategies]
+  measured = ([("sequential", st) for st in seq_strategies]
+              + [("sweep", st) for st in strategies])
+  timings = [_Timing(_Runner(model, config, st, x, y), kind, args.configs)
+             for kind, st in measured]
   # Rounds interleave every measurement, so that a change in the machine's
   # load during the benchmark hits sweeps and sequential runs alike.
   for r in range(repeats):
-    for timing, strategy in zip(timings, seq_strategies + list(strategies)):
+    for timing, (kind, strategy) in zip(timings, measured):
       seconds = timing.once()
-      print(f"  round {r + 1}/{repeats}: {model_name} {timing.kind} "
+      print(f"  round {r + 1}/{repeats}: {model_name} {kind} "
             f"{_label(strategy)}: {seconds:.2f} s", flush=True)
-  rows = [_row(model_name, t.kind, st, args.configs, steps, t.best,
-               st == chosen)
-          for t, st in zip(timings, seq_strategies + list(strategies))]
+  rows = [_row(model_name, kind, st, args.configs, steps, t.best,
+               st == chosen) for t, (kind, st) in zip(timings, measured)]
   baseline = rows[0]["examples_per_s"]
   best_sequential = max(r["examples_per_s"] for r in rows
                         if r["kind"] == "sequential")
@@ -289,6 +292,7 @@ def _write(args, rows: list[dict], cpu_devices: int) -> dict:
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   return result
+
 
 if __name__ == "__main__":
   main()

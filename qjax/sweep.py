@@ -185,18 +185,13 @@ def _over_configs(fn: Callable, how: str, in_axes: tuple) -> Callable:
 # ----------------------------------------------------------------------------
 
 
-def _sharding_of(tree):
-  """The config-axis sharding of ``tree``'s leaves, or None on one device."""
-  leaf = jax.tree.leaves(tree)[0]
-  sharding = getattr(leaf, "sharding", None)
-  if sharding is None or len(sharding.device_set) == 1:
-    return None
-  return sharding
+def _on_several_devices(v) -> bool:
+  return isinstance(v, jax.Array) and len(v.sharding.device_set) > 1
 
 
 def _rows(v: jax.Array) -> list:
   """``[v[0], v[1], ...]``, each row on the device that holds it."""
-  if _sharding_of(v) is None:
+  if not _on_several_devices(v):
     return list(v)
   rows = [None] * v.shape[0]
   for shard in v.addressable_shards:
@@ -225,7 +220,7 @@ def _on_device(tree, device):
     return tree
 
   def local(v):
-    if isinstance(v, jax.Array) and len(v.sharding.device_set) > 1:
+    if _on_several_devices(v):
       for shard in v.addressable_shards:
         if shard.device == device:
           return shard.data
@@ -425,7 +420,7 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
   else:
     x_train, y_train, x_test, y_test = _replicated(sharding, (
         dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y))
-    sample_x = _replicated(sharding, dataset.train_x[:config.batch_size])
+    sample_x = x_train[:config.batch_size]
   if sharding is not None:
     keys, hps = jax.device_put((keys, hps), sharding)
 
