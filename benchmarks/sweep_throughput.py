@@ -1,41 +1,61 @@
 """Sweep throughput: C configs in one program against C sequential runs.
 
 Claim checked: training C configs (seeds 0..C-1, one learning rate) of one
-method as a single sweep program (:mod:`qjax.sweep`) is faster than training
-them one after another in the same process, with the strategy the engine
-chooses (:func:`qjax.sweep.choose_strategy`).
+method as a single sweep (:mod:`qjax.sweep`) is faster than training them one
+after another in the same process, with the strategy the engine chooses
+(:func:`qjax.sweep.choose_strategy`).
 
 Expected result (2 CPU cores): the MLP sweep at least 1.5x the examples/s of
 the sequential runs; the small CNN sweep never slower (at least 1.0x).
 ``--strategies all`` also times every (steps x configs) strategy, so that the
 engine's choice is justified by numbers.
 
-What is timed: training steps only (``_Programs.run_epoch`` up to
-``jax.block_until_ready``), after a warm-up epoch that compiles. Initialisation,
-shuffling and evaluation are excluded. The sequential baseline reuses one
-compiled single-config program for every seed and pays no compilation, which
-favours it over 16 calls of :func:`qjax.sweep.train` (each of which compiles).
-Inputs are placed as the engine places them: by default the CPU is exposed as
-one device per core (:func:`qjax.sweep.cpu_devices`, as ``experiments.train``
-does), so the sweep's configs are sharded over the cores while a sequential
-run uses one device; ``--cpu-devices 1`` measures the unsharded engine.
-Every measurement runs once per round, rounds interleaved, and the fastest
-round counts: the machine's load drifts, and interleaving exposes sweeps and
-sequential runs to the same drift.
-An epoch is ``--steps`` batches of 128: the training set is cut to
-``steps * 128`` examples (MNIST from the cache, else synthetic arrays of the
-same shape; throughput does not depend on the pixel values).
+Two scopes are timed:
 
-Runtime on 2 shared CPU cores with the default steps and rounds (MLP 50
-steps x 5 rounds, CNN 5 steps x 3 rounds): about 1 min per model with
-``--strategies auto`` (a CNN step is about 0.15 s, an MLP step 3 ms). With
-``all`` the MLP takes about 9 min (``lax.map`` is slow) and the CNN well over
-30 min: a scanned CNN epoch of 16 x 5 steps took 105 s against 11.8 s looped,
-so use ``--steps 1 --repeats 1`` there. The JSON is rewritten after each
-model, so an interrupted run keeps the models it finished.
+* ``steps``: training steps only (``_Programs.run_epoch`` up to
+  ``jax.block_until_ready``), after a warm-up epoch that compiles.
+  Initialisation, shuffling and evaluation are excluded. An epoch is
+  ``--steps`` batches of 128: the training set is cut to ``steps * 128``
+  examples (MNIST from the cache, else synthetic arrays of the same shape;
+  throughput does not depend on the pixel values).
+* ``runs`` (``--end-to-end``, default the MLP): whole runs as a researcher
+  makes them, ``C`` calls of :func:`qjax.sweep.train` against one
+  :func:`qjax.sweep.sweep`, ``--runs-epochs`` epochs of all of MNIST with
+  the test set evaluated after each epoch, after a warm-up call of each so
+  that neither pays compilation.
+
+In both, the sequential runs reuse their compiled single-config programs, and
+inputs are placed as the engine places them: by default the CPU is exposed as
+one device per core (:func:`qjax.sweep.cpu_devices`, as ``experiments.train``
+does), so the sweep's configs are sharded over the cores while a single run
+uses one device and XLA's threads; ``--cpu-devices 1`` measures the
+unsharded engine. Every measurement runs once per round, rounds interleaved,
+and the fastest round counts: the machine's load drifts, and interleaving
+exposes sweeps and sequential runs to the same drift. The ``cores`` column is
+the process's CPU time over the wall time of that round.
+
+What limits the MLP's ratio on 2 cores (measured here, SR-ADAM, 16 configs):
+on one core (``taskset -c 0``) the vmapped sweep trains only 1.04x as fast as
+the sequential runs, because every config does the same work (its own
+batches, its own matmuls and SR noise) with or without vmap. On 2 cores the
+sweep keeps both busy (cores 1.98) while a single run's small ops split over
+two threads keep them 1.66 busy and spend part of that waiting. The steps
+ratio is therefore the sequential runs' idle time, about 1.4x to 1.6x from
+round to round here, and the whole-runs ratio adds the per-run costs a sweep
+pays once.
+
+Runtime on 2 shared CPU cores with the defaults (MLP 50 steps x 5 rounds
+plus 2 rounds of 16 one-epoch MNIST runs; CNN 5 steps x 3 rounds): about
+4 min for the MLP and 1 min for the CNN (a CNN step is about 0.15 s, an MLP
+step 3 ms). With ``--strategies all`` the MLP takes about 9 min more
+(``lax.map`` is slow) and the CNN well over 30 min: a scanned CNN epoch of
+16 x 5 steps took 105 s against 11.8 s looped, so use ``--steps 1 --repeats
+1`` there. The JSON is rewritten after each model, so an interrupted run
+keeps the models it finished.
 
 Command: ``python -m benchmarks.sweep_throughput [--configs 16] [--steps N]
 [--models mlp,cnn] [--strategies auto|all] [--repeats R] [--cpu-devices N]
+[--end-to-end mlp] [--runs-epochs 1] [--runs-repeats 2]
 [--out results/benchmarks/sweep_throughput.json]``.
 """
 
@@ -72,18 +92,32 @@ ALL_STRATEGIES = tuple(sweep_lib.Strategy(steps, configs)
                        for configs in ("vmap", "map", "loop"))
 
 
-def load_data(num_examples: int) -> tuple[np.ndarray, np.ndarray, str]:
-  """The first ``num_examples`` MNIST training examples, or synthetic ones."""
+def load_dataset(num_train: int | None = None):
+  """MNIST from the cache (the first ``num_train`` training examples, and as
+  many test examples at most), or synthetic arrays of MNIST's shapes when it
+  is not fetched: throughput does not depend on the pixel values."""
   try:
     ds = data_lib.load("mnist")
     source = "mnist (cache)"
   except (data_lib.DatasetNotFoundError, data_lib.DatasetCorruptError):
     rng = np.random.default_rng(0)
+    n_train, n_test = num_train or 60000, min(num_train or 10000, 10000)
     ds = data_lib.Dataset(
-        "synthetic", rng.random((num_examples, 28, 28, 1), np.float32),
-        rng.integers(0, 10, num_examples, dtype=np.int32),
-        np.zeros((0, 28, 28, 1), np.float32), np.zeros((0,), np.int32), 10)
+        "synthetic", rng.random((n_train, 28, 28, 1), np.float32),
+        rng.integers(0, 10, n_train, dtype=np.int32),
+        rng.random((n_test, 28, 28, 1), np.float32),
+        rng.integers(0, 10, n_test, dtype=np.int32), 10)
     source = "synthetic (mnist not in cache)"
+  if num_train is not None:
+    ds = ds._replace(train_x=ds.train_x[:num_train],
+                     train_y=ds.train_y[:num_train],
+                     test_x=ds.test_x[:num_train], test_y=ds.test_y[:num_train])
+  return ds, source
+
+
+def load_data(num_examples: int) -> tuple[np.ndarray, np.ndarray, str]:
+  """The first ``num_examples`` MNIST training examples, or synthetic ones."""
+  ds, source = load_dataset(num_examples)
   if ds.train_x.shape[0] < num_examples:
     raise ValueError(f"--steps needs {num_examples} training examples; "
                      f"{ds.name!r} has {ds.train_x.shape[0]}. Lower --steps.")
@@ -142,7 +176,7 @@ class _Timing:
   """
 
   def __init__(self, runner: _Runner, kind: str, num_configs: int):
-    self.runner, self.best = runner, float("inf")
+    self.runner, self.best, self.best_cpu = runner, float("inf"), None
     if kind == "sweep":
       runner.warm_up(list(range(num_configs)))
       self.inputs = [runner.prepare(list(range(num_configs)))]
@@ -151,17 +185,73 @@ class _Timing:
       self.inputs = [runner.prepare([s]) for s in range(num_configs)]
 
   def once(self) -> float:
+    cpu = time.process_time()
     seconds = sum(self.runner.epoch_seconds(*i) for i in self.inputs)
-    self.best = min(self.best, seconds)
+    if seconds < self.best:
+      self.best, self.best_cpu = seconds, time.process_time() - cpu
     return seconds
 
 
-def _row(model_name, kind, strategy, num_configs, steps, seconds,
+class _RunTiming:
+  """Whole runs through the public API: ``C`` calls of
+  :func:`qjax.sweep.train` (one seed each) against one
+  :func:`qjax.sweep.sweep` of the ``C`` seeds, on the whole dataset.
+
+  This is what a researcher waits for: every run initialises its state,
+  places the data, shuffles and evaluates the test set after each epoch, and
+  copies its results to the host. A warm-up call of each compiles first, so
+  neither side pays compilation (single runs reuse their compiled programs,
+  as 16 runs in one process do).
+  """
+
+  def __init__(self, model, model_name, dataset, config, kind: str,
+               num_configs: int):
+    self.best, self.best_cpu = float("inf"), None
+    seeds = tuple(range(num_configs))
+    options = {"model_name": model_name, "progress": False}
+    if kind == "sweep":
+      self.call = lambda: sweep_lib.sweep(
+          model, dataset, config, sweep_lib.SweepSpec(seeds, (LR,)),
+          **options)
+    else:
+      self.call = lambda: [sweep_lib.train(model, dataset, config, seed=s,
+                                           lr=LR, **options) for s in seeds]
+    self.call()
+
+  def once(self) -> float:
+    cpu, t0 = time.process_time(), time.perf_counter()
+    self.call()
+    seconds = time.perf_counter() - t0
+    if seconds < self.best:
+      self.best, self.best_cpu = seconds, time.process_time() - cpu
+    return seconds
+
+
+def _row(model_name, scope, kind, strategy, num_configs, steps, timing,
          chosen) -> dict:
-  return {"model": model_name, "kind": kind, "strategy": _label(strategy),
-          "chosen": chosen, "configs": num_configs, "steps": steps,
-          "seconds": seconds,
-          "examples_per_s": num_configs * steps * BATCH / seconds}
+  """``steps``: training steps per config in the timed work."""
+  return {"model": model_name, "scope": scope, "kind": kind,
+          "strategy": _label(strategy), "chosen": chosen,
+          "configs": num_configs, "steps": steps, "seconds": timing.best,
+          "examples_per_s": num_configs * steps * BATCH / timing.best,
+          "cpu_seconds": timing.best_cpu,
+          "cores_busy": timing.best_cpu / timing.best}
+
+
+def _add_ratios(rows: list[dict], model_name: str, source: str,
+                repeats: int) -> None:
+  """Ratios against the scope's first (engine-strategy) sequential row."""
+  baseline = rows[0]["examples_per_s"]
+  best_sequential = max(r["examples_per_s"] for r in rows
+                        if r["kind"] == "sequential")
+  for row in rows:
+    row["data"] = source
+    row["repeats"] = repeats
+    row["ratio"] = row["examples_per_s"] / baseline
+    row["ratio_vs_best_sequential"] = row["examples_per_s"] / best_sequential
+    if row["kind"] == "sweep":
+      row["target"] = TARGETS[model_name]
+      row["pass"] = bool(row["ratio"] >= row["target"])
 
 
 def bench_model(model_name: str, args) -> list[dict]:
@@ -191,39 +281,54 @@ def bench_model(model_name: str, args) -> list[dict]:
       seconds = timing.once()
       print(f"  round {r + 1}/{repeats}: {model_name} {kind} "
             f"{_label(strategy)}: {seconds:.2f} s", flush=True)
-  rows = [_row(model_name, kind, st, args.configs, steps, t.best,
+  rows = [_row(model_name, "steps", kind, st, args.configs, steps, t,
                st == chosen) for t, (kind, st) in zip(timings, measured)]
-  baseline = rows[0]["examples_per_s"]
-  best_sequential = max(r["examples_per_s"] for r in rows
-                        if r["kind"] == "sequential")
-  target = TARGETS[model_name]
-  for row in rows:
-    row["data"] = source
-    row["repeats"] = repeats
-    row["ratio"] = row["examples_per_s"] / baseline
-    row["ratio_vs_best_sequential"] = row["examples_per_s"] / best_sequential
-    if row["kind"] == "sweep":
-      row["target"] = target
-      row["pass"] = bool(row["ratio"] >= target)
+  _add_ratios(rows, model_name, source, repeats)
+  if model_name in args.end_to_end.split(","):
+    rows += bench_runs(model_name, model, chosen, args)
+  return rows
+
+
+def bench_runs(model_name: str, model, chosen, args) -> list[dict]:
+  """End-to-end rows: C single runs against one sweep (see _RunTiming)."""
+  dataset, source = load_dataset(args.runs_examples)
+  config = train_lib.TrainConfig(method=args.method, optimizer="adam",
+                                 batch_size=BATCH, epochs=args.runs_epochs)
+  steps = args.runs_epochs * (dataset.train_x.shape[0] // BATCH)
+  kinds = ("sequential", "sweep")
+  timings = [_RunTiming(model, model_name, dataset, config, kind,
+                        args.configs) for kind in kinds]
+  for r in range(args.runs_repeats):
+    for timing, kind in zip(timings, kinds):
+      seconds = timing.once()
+      print(f"  round {r + 1}/{args.runs_repeats}: {model_name} {kind} "
+            f"runs: {seconds:.2f} s", flush=True)
+  rows = [_row(model_name, "runs", kind, chosen, args.configs, steps, t, True)
+          for t, kind in zip(timings, kinds)]
+  _add_ratios(rows, model_name, source, args.runs_repeats)
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
-  head = (f"{'model':5} {'kind':10} {'strategy':11} {'configs':>7} "
-          f"{'steps':>5} {'seconds':>8} {'examples/s':>11} {'ratio':>6} "
-          f"{'vs best seq':>11} {'target':>7} result")
+  head = (f"{'model':5} {'scope':5} {'kind':10} {'strategy':11} "
+          f"{'configs':>7} {'steps':>5} {'seconds':>8} {'examples/s':>11} "
+          f"{'cores':>5} {'ratio':>6} {'vs best seq':>11} {'target':>7} result")
   lines = [head, "-" * len(head)]
   for r in rows:
     strategy = r["strategy"] + ("*" if r["chosen"] else "")
     target = f">={r['target']:.1f}x" if "target" in r else "-"
     result = ("PASS" if r["pass"] else "FAIL") if "pass" in r else "-"
     lines.append(
-        f"{r['model']:5} {r['kind']:10} {strategy:11} {r['configs']:>7} "
-        f"{r['steps']:>5} {r['seconds']:>8.2f} {r['examples_per_s']:>11.0f} "
+        f"{r['model']:5} {r['scope']:5} {r['kind']:10} {strategy:11} "
+        f"{r['configs']:>7} {r['steps']:>5} {r['seconds']:>8.2f} "
+        f"{r['examples_per_s']:>11.0f} {r['cores_busy']:>5.2f} "
         f"{r['ratio']:>5.2f}x {r['ratio_vs_best_sequential']:>10.2f}x "
         f"{target:>7} {result}")
   lines.append("* the engine's choice (qjax.sweep.choose_strategy); ratio is "
-               "against the sequential runs with that strategy.")
+               "against the sequential runs of the same scope.")
+  lines.append("scope steps: training steps only, per config; runs: whole "
+               "qjax.sweep.train runs against one qjax.sweep.sweep. cores: "
+               "process CPU time / wall time.")
   return "\n".join(lines)
 
 
@@ -231,7 +336,8 @@ def fastest_notes(rows: list[dict]) -> list[str]:
   """One line per model whose fastest measured sweep is not the engine's."""
   notes = []
   for model in dict.fromkeys(r["model"] for r in rows):
-    sweeps = [r for r in rows if r["model"] == model and r["kind"] == "sweep"]
+    sweeps = [r for r in rows if r["model"] == model and r["kind"] == "sweep"
+              and r["scope"] == "steps"]
     best = max(sweeps, key=lambda r: r["examples_per_s"])
     chosen = next(r for r in sweeps if r["chosen"])
     if best is not chosen:
@@ -255,6 +361,18 @@ def main(argv=None) -> dict:
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed epochs per measurement, the fastest counts; "
                       f"default per model {DEFAULT_REPEATS}")
+  parser.add_argument("--end-to-end", default="mlp",
+                      help="models (comma-separated, '' for none) also timed "
+                      "as whole runs: C x qjax.sweep.train against one "
+                      "qjax.sweep.sweep (default: mlp; a CNN epoch of 16 "
+                      "runs takes many minutes here)")
+  parser.add_argument("--runs-epochs", type=int, default=1,
+                      help="epochs per run in the end-to-end rows")
+  parser.add_argument("--runs-examples", type=int, default=None,
+                      help="training (and at most as many test) examples in "
+                      "the end-to-end rows; default: all of MNIST")
+  parser.add_argument("--runs-repeats", type=int, default=2,
+                      help="rounds of the end-to-end rows; the fastest counts")
   parser.add_argument("--out",
                       default="results/benchmarks/sweep_throughput.json")
   parser.add_argument("--cpu-devices", type=int, default=None,
@@ -264,10 +382,12 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   cpu_devices = sweep_lib.cpu_devices(args.cpu_devices)
   models = [m for m in args.models.split(",") if m]
-  unknown = sorted(set(models) - set(TARGETS))
+  unknown = sorted((set(models) | set(filter(None,
+                                              args.end_to_end.split(","))))
+                   - set(TARGETS))
   if unknown:
-    raise ValueError(f"--models must be among {sorted(TARGETS)}; got "
-                     f"{unknown}.")
+    raise ValueError(f"--models and --end-to-end must be among "
+                     f"{sorted(TARGETS)}; got {unknown}.")
   rows = []
   for model_name in models:
     rows += bench_model(model_name, args)

@@ -11,16 +11,28 @@ from benchmarks import sweep_throughput
 
 def test_sweep_throughput_benchmark_writes_its_rows(tmp_path):
   out = tmp_path / "bench.json"
-  result = sweep_throughput.main(["--models", "mlp", "--configs", "2",
-                                  "--steps", "2", "--repeats", "1",
-                                  "--out", str(out)])
+  result = sweep_throughput.main([
+      "--models", "mlp", "--configs", "2", "--steps", "2", "--repeats", "1",
+      "--runs-examples", "256", "--runs-repeats", "1", "--out", str(out)])
   saved = json.loads(out.read_text())
   assert saved["rows"] == result["rows"]
-  kinds = [(r["kind"], r["strategy"], r["chosen"]) for r in saved["rows"]]
-  assert kinds == [("sequential", "scan/vmap", True),
-                   ("sweep", "scan/vmap", True)]
-  sweep_row = saved["rows"][1]
-  assert sweep_row["target"] == 1.5 and isinstance(sweep_row["pass"], bool)
+  kinds = [(r["scope"], r["kind"], r["strategy"], r["chosen"])
+           for r in saved["rows"]]
+  assert kinds == [("steps", "sequential", "scan/vmap", True),
+                   ("steps", "sweep", "scan/vmap", True),
+                   ("runs", "sequential", "scan/vmap", True),
+                   ("runs", "sweep", "scan/vmap", True)]
+  for sweep_row in saved["rows"][1::2]:
+    assert sweep_row["target"] == 1.5 and isinstance(sweep_row["pass"], bool)
   assert all(r["seconds"] > 0 and r["examples_per_s"] > 0
-             for r in saved["rows"])
+             and r["cores_busy"] > 0 for r in saved["rows"])
+  # Whole runs train every example of the (cut) training set: 256 // 128.
+  assert [r["steps"] for r in saved["rows"][2:]] == [2, 2]
   assert saved["cpu_devices"] >= 1
+
+
+def test_end_to_end_rows_can_be_switched_off(tmp_path):
+  result = sweep_throughput.main([
+      "--models", "mlp", "--configs", "2", "--steps", "1", "--repeats", "1",
+      "--end-to-end", "", "--out", str(tmp_path / "b.json")])
+  assert {r["scope"] for r in result["rows"]} == {"steps"}
