@@ -20,6 +20,7 @@ from flax import struct
 
 from qjax import diagnostics
 from qjax import methods as methods_lib
+from qjax import models as models_lib
 from qjax import quantizers
 from qjax.grid import Grid
 from qjax.data import batching
@@ -182,22 +183,30 @@ def evaluate(model: nn.Module, config: TrainConfig, state: TrainState,
 
   BC is evaluated on its deterministically quantized latent weights; SR and R
   on their stored grid weights; FP on its float weights (``Method.eval_mode``).
+  A model that declares ``bn_momentum`` (all of :mod:`qjax.models`) is
+  evaluated with its BatchNorm running statistics debiased for the
+  ``state.step`` steps taken (:func:`qjax.models.debiased_batch_stats`);
+  after about 250 steps that changes nothing.
   """
   method = build_method(config, dict(hparams or {}, lr=jnp.zeros(())))
   params = method.view(state.params)
+  momentum = getattr(model, "bn_momentum", None)
+  batch_stats = (state.batch_stats if momentum is None else
+                 models_lib.debiased_batch_stats(state.batch_stats,
+                                                 state.step, momentum))
   n = (x.shape[0] // batch_size) * batch_size
   xs = x[:n].reshape(-1, batch_size, *x.shape[1:])
   ys = y[:n].reshape(-1, batch_size)
 
   def body(carry, xy):
-    logits, _ = _forward(model, params, state.batch_stats, xy[0], train=False)
+    logits, _ = _forward(model, params, batch_stats, xy[0], train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, xy[1]).sum()
     wrong = jnp.sum(jnp.argmax(logits, -1) != xy[1])
     return (carry[0] + loss, carry[1] + wrong), None
 
   (loss, wrong), _ = jax.lax.scan(body, (0.0, 0), (xs, ys))
   if n < x.shape[0]:  # the remainder, so every example counts
-    logits, _ = _forward(model, params, state.batch_stats, x[n:], train=False)
+    logits, _ = _forward(model, params, batch_stats, x[n:], train=False)
     loss += optax.softmax_cross_entropy_with_integer_labels(
         logits, y[n:]).sum()
     wrong += jnp.sum(jnp.argmax(logits, -1) != y[n:])

@@ -50,3 +50,27 @@ def test_r_with_small_steps_never_flips_a_sign(digits):
   out = sweep(model, digits, config, SweepSpec((0,), (0.01,)),
               model_name="mlp", progress=False)
   assert all(v == [0.0] for v in out["history"][-1]["sign_flips"].values())
+
+
+def test_a_short_run_evaluates_with_the_statistics_it_trained_on(digits):
+  """Four steps at lr 0 on one batch: evaluating that batch gives the loss
+  the training steps reported. With Flax's raw running statistics (variance
+  still 0.9**4 = 66 % its initial 1) the loss is far off."""
+  from qjax import train as train_lib
+  model = models.get("cnn", 10)
+  config = TrainConfig(method="sr", batch_size=64)
+  x, y = jnp.asarray(digits.train_x[:64]), jnp.asarray(digits.train_y[:64])
+  hp = {"lr": jnp.zeros(())}
+  state = train_lib.init_state(model, config, jax.random.PRNGKey(0), x, hp)
+  step = jax.jit(lambda s: train_lib.train_step(model, config, s, (x, y), hp))
+  for _ in range(4):
+    state, metrics = step(state)
+  evaluated = train_lib.evaluate(model, config, state, x, y, batch_size=64,
+                                 hparams=hp)
+  np.testing.assert_allclose(evaluated["test_loss"], metrics["loss"],
+                             rtol=1e-3)
+  raw_logits = model.apply({"params": state.params,
+                            "batch_stats": state.batch_stats}, x, train=False)
+  raw_loss = train_lib.cross_entropy(raw_logits, y)
+  assert abs(raw_loss - metrics["loss"]) > 0.1 * metrics["loss"], (
+      raw_loss, metrics["loss"])

@@ -20,6 +20,7 @@ import jax
 
 from qjax.models.cnn import SmallCNN
 from qjax.models.mlp import MLP
+from qjax.models.mlp import debiased_batch_stats
 from qjax.models.resnet import CifarResNet
 from qjax.models.resnet import ResNet18
 from qjax.models.resnet import ResNet56
@@ -38,6 +39,7 @@ __all__ = [
     'VGG9',
     'VGGBC',
     'WRN56_2',
+    'debiased_batch_stats',
     'get',
     'param_count',
 ]

@@ -1,9 +1,12 @@
 """A small convnet for 28x28x1 data (MNIST, Fashion-MNIST)."""
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 
-from qjax.models.mlp import PAD_1, batch_norm, conv_init, max_pool_2x2
+from qjax.models.mlp import (BN_MOMENTUM, PAD_1, batch_norm, conv_init,
+                             max_pool_2x2)
 
 
 class SmallCNN(nn.Module):
@@ -22,6 +25,7 @@ class SmallCNN(nn.Module):
   num_classes: int = 10
   features: tuple[int, ...] = (32, 64)
   hidden: int = 128
+  bn_momentum: ClassVar[float] = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

@@ -16,11 +16,13 @@ stages of two basic blocks (64, 128, 256, 512), option B shortcuts;
 Convolutions have no bias (BN follows each one), as in both references.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qjax.models.mlp import PAD_1, batch_norm, conv_init
+from qjax.models.mlp import BN_MOMENTUM, PAD_1, batch_norm, conv_init
 
 SHORTCUTS = ('A', 'B')
 
@@ -84,6 +86,7 @@ class CifarResNet(nn.Module):
   depth: int = 56
   width: int = 1
   shortcut: str = 'A'
+  bn_momentum: ClassVar[float] = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -124,6 +127,7 @@ class ResNet18(nn.Module):
 
   num_classes: int = 1000
   shortcut: str = 'B'
+  bn_momentum: ClassVar[float] = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

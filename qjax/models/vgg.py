@@ -17,11 +17,13 @@ the output is plain logits so that every model shares one loss.
 """
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 
-from qjax.models.mlp import PAD_1, batch_norm, conv_init, max_pool_2x2
+from qjax.models.mlp import (BN_MOMENTUM, PAD_1, batch_norm, conv_init,
+                             max_pool_2x2)
 
 POOL = 'M'
 
@@ -38,6 +40,7 @@ class VGG(nn.Module):
   num_classes: int = 10
   conv_spec: Sequence[int | str] = ()
   hidden: Sequence[int] = ()
+  bn_momentum: ClassVar[float] = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
