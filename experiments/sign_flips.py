@@ -57,7 +57,7 @@ def config(scale: str = "cpu") -> dict:
     exp = {**base, "name": "mnist/mlp", "dataset": "mnist", "model": "mlp",
            "model_kwargs": {"features": [256, 256]}, "mask": "all",
            "lr": 0.001, "epochs": 3, "seeds": [0, 1],
-           "runtime": "about 1.5-2 min on 2 shared CPU cores (96 s measured)",
+           "runtime": "about 0.5-1.5 min on 2 shared CPU cores (30 s measured)",
            "command": "python -m experiments.sign_flips --scale cpu"}
   else:
     exp = {**base, "name": "cifar10/vgg9", "dataset": "cifar10",

@@ -20,7 +20,7 @@ Scales (``config(scale)``):
   ``imagenet2012`` (resize 256, center crop 224, normalized); without it the
   run stops at once with :class:`experiments.common.UnsupportedExperimentError`
   saying what is missing. Tested on TFDS's offline mock data only.
-* ``cpu``: runs here in about 5 minutes on 2 CPU cores (273 s
+* ``cpu``: runs here in about 4 minutes on 2 CPU cores (248 s
   measured, compilation cache warm for the MLP; ~70 s more cold): full MNIST
   and Fashion-MNIST with the MLP 784-256-256-10 (every kernel binary, 2
   seeds, 2 epochs), and the small CNN on MNIST (conv kernels binary, first
@@ -62,9 +62,6 @@ ROWS = (("ADAM", "fp", False), ("BC-ADAM", "bc", False),
         ("R-ADAM", "r", False))
 PAPER_ORDER = ("ADAM", "BC-ADAM", "Big SR-ADAM", "SR-ADAM")
 WORST = "R-ADAM"
-# Below this many steps BatchNorm's running statistics (variance initialised
-# to 1, momentum 0.9) have not forgotten their init; such cells are marked.
-MIN_STEPS = 100
 
 CIFAR_RUNTIME = ("not measured here (no GPU, no CIFAR files); estimate on one"
                  " modern GPU: {} per method and seed, x5 rows")
@@ -112,20 +109,16 @@ def _cpu() -> list[dict]:
         "model_kwargs": {"features": [256, 256]}, "mask": "all",
         "optimizer": "adam", "lr": 0.001, "lr_decay_epochs": [], "epochs": 2,
         "batch_size": 128, "big_batch_size": 1024, "seeds": [0, 1],
-        "runtime": "about 1-2 min on 2 shared CPU cores (60 s measured)",
+        "runtime": "about 1 min on 2 shared CPU cores (55 s and 24 s measured)",
         "command": (f"python -m experiments.table1 --scale cpu --only "
                     f"{dataset}/mlp"),
     }
-  # The CNN needs >= ~100 steps: BatchNorm's running variance starts at 1
-  # and keeps 0.9**steps of it, while the first conv's output variance with
-  # binary weights (H = 0.07) is ~0.004; after 32 steps evaluation saw
-  # activations ~3x too small and every binary method gave ~88 % error.
   cnn = {
       "name": "mnist/cnn", "dataset": "mnist", "model": "cnn",
       "model_kwargs": {}, "train_subset": 6400, "test_subset": 2000,
       "mask": "conv", "optimizer": "adam", "lr": 0.001, "lr_decay_epochs": [],
       "epochs": 2, "batch_size": 128, "big_batch_size": 1024, "seeds": [0, 1],
-      "runtime": "about 3.5 min on 2 CPU cores (202 s measured, 2 seeds)",
+      "runtime": "about 3 min on 2 CPU cores (167 s measured, 2 seeds)",
       "command": "python -m experiments.table1 --scale cpu --only mnist/cnn",
   }
   return [mlp("mnist"), mlp("fashion_mnist"), cnn]
@@ -233,20 +226,9 @@ def table(results: dict) -> str:
   head = "| method | " + " | ".join(e["name"] for e in exps) + " |"
   lines = ["Top-1 test error (%), mean ± std over seeds.", "", head,
            "|---" * (len(exps) + 1) + "|"]
-  few = False
   for label in labels:
-    cells = []
-    for e in exps:
-      steps = next(r["steps"] for r in e["rows"] if r["label"] == label)
-      mark = " †" if steps < MIN_STEPS else ""
-      few = few or bool(mark)
-      cells.append(common.fmt(e["summary"][label]) + mark)
+    cells = [common.fmt(e["summary"][label]) for e in exps]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  if few:
-    lines += ["", f"† fewer than {MIN_STEPS} steps: BatchNorm's running "
-              "statistics (variance initialised to 1, momentum 0.9) still "
-              "carry their initial value, so this error overstates the "
-              "method's."]
   lines += ["", "| experiment | train / test examples | epochs | seeds | "
             "lr | batch (steps) per row | seconds |", "|---|---|---|---|---|"
             "---|---|"]
@@ -278,10 +260,7 @@ def write(results: dict, out_dir: str) -> None:
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
-  """One panel per experiment: test error per method, mean ± std.
-
-  † marks rows with fewer than ``MIN_STEPS`` steps (see :func:`table`).
-  """
+  """One panel per experiment: test error per method, mean ± std."""
   plt = common.pyplot()
   from matplotlib import ticker
   exps = results["experiments"]
@@ -301,10 +280,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
     ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_ylabel("top-1 test error (%)")
     ax.set_title(f"{e['name']} ({results['scale']})")
-    for i, (m, r) in enumerate(zip(mean, e["rows"])):
-      mark = " †" if r["steps"] < MIN_STEPS else ""
-      ax.annotate(f"{m:.1f}{mark}", (i, m), ha="center", va="bottom",
-                  fontsize=8)
+    for i, m in enumerate(mean):
+      ax.annotate(f"{m:.1f}", (i, m), ha="center", va="bottom", fontsize=8)
   return [common.save_figure(fig, out_dir, "table1_errors.png")]
 
 
