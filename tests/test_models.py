@@ -299,3 +299,11 @@ def test_every_model_declares_its_batchnorm_momentum():
   from qjax.models.mlp import BN_MOMENTUM
   for name in NAMES:
     assert get(name, num_classes=10).bn_momentum == BN_MOMENTUM
+
+
+def test_debiasing_accepts_frozen_dicts():
+  from flax.core import FrozenDict
+  stats = FrozenDict({'BatchNorm_0': {'mean': jnp.full(4, 0.5), 'var': jnp.ones(4)}})
+  out = qjax.models.debiased_batch_stats(stats, 5)
+  np.testing.assert_allclose(out['BatchNorm_0']['mean'], 0.5 / (1 - 0.9**5), rtol=1e-6)
+  np.testing.assert_allclose(out['BatchNorm_0']['var'], 1.0, rtol=1e-6)

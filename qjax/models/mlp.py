@@ -19,7 +19,7 @@ Quantization masks find weights by name and rank: every convolution stores a 4-D
 parameters are 1-D.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -68,12 +68,13 @@ def debiased_batch_stats(batch_stats: Any, steps, momentum: float = BN_MOMENTUM
   """
   steps = jnp.asarray(steps)
   weight = jnp.power(jnp.float32(momentum), steps.astype(jnp.float32))
-  keep = 1.0 - weight
+  keep = jnp.where(steps > 0, 1.0 - weight, 1.0)  # no 0/0, even unselected
 
   def debias(stats):
-    if not isinstance(stats, dict):
+    if not isinstance(stats, Mapping):
       return stats
-    if set(stats) >= {"mean", "var"} and not isinstance(stats["mean"], dict):
+    if set(stats) >= {"mean", "var"} and not isinstance(stats["mean"],
+                                                         Mapping):
       mean = jnp.where(steps > 0, stats["mean"] / keep, stats["mean"])
       var = jnp.where(steps > 0,
                       jnp.maximum(stats["var"] - weight, 0.0) / keep,
