@@ -135,8 +135,6 @@ class _Runner:
     self.programs = sweep_lib._Programs(model, config, strategy)  # pylint: disable=protected-access
     self.data, self.config = (x, y), config
     self.placed = {}  # device count -> (x, y) on those devices, made once
-    self.shuffle = jax.jit(jax.vmap(lambda k: data_lib.shuffle_batches(
-        k, x.shape[0], config.batch_size)))
 
   def prepare(self, seeds) -> tuple:
     """Initial states, hparams, data and one epoch of batch indices for
@@ -155,7 +153,8 @@ class _Runner:
       self.placed[count] = sweep_lib._replicated(sharding, self.data)  # pylint: disable=protected-access
     x, y = self.placed[count]
     states = self.programs.init(keys, x[:self.config.batch_size], hps)
-    idx = self.shuffle(states.key)
+    idx = sweep_lib._shuffles(  # pylint: disable=protected-access
+        states.key, x.shape[0], self.config.batch_size)
     return jax.block_until_ready((states, hps, x, y, idx))
 
   def epoch_seconds(self, states, hps, x, y, idx) -> float:
