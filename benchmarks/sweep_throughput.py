@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import qjax
+from experiments import common
 from qjax import data as data_lib
 from qjax import models as models_lib
 from qjax import sweep as sweep_lib
@@ -166,7 +167,18 @@ class _Runner:
     self.epoch_seconds(*self.prepare(seeds))
 
 
-class _Timing:
+class _Fastest:
+  """The fastest round so far: wall seconds and the CPU seconds it used."""
+
+  best, best_cpu = float("inf"), None
+
+  def _keep(self, seconds: float, cpu_start: float) -> float:
+    if seconds < self.best:
+      self.best, self.best_cpu = seconds, time.process_time() - cpu_start
+    return seconds
+
+
+class _Timing(_Fastest):
   """One measured program: a sweep of all configs, or one config at a time.
 
   ``once()`` times one epoch of every config; the fastest of the rounds
@@ -175,7 +187,7 @@ class _Timing:
   """
 
   def __init__(self, runner: _Runner, kind: str, num_configs: int):
-    self.runner, self.best, self.best_cpu = runner, float("inf"), None
+    self.runner = runner
     if kind == "sweep":
       runner.warm_up(list(range(num_configs)))
       self.inputs = [runner.prepare(list(range(num_configs)))]
@@ -185,13 +197,11 @@ class _Timing:
 
   def once(self) -> float:
     cpu = time.process_time()
-    seconds = sum(self.runner.epoch_seconds(*i) for i in self.inputs)
-    if seconds < self.best:
-      self.best, self.best_cpu = seconds, time.process_time() - cpu
-    return seconds
+    return self._keep(sum(self.runner.epoch_seconds(*i) for i in self.inputs),
+                      cpu)
 
 
-class _RunTiming:
+class _RunTiming(_Fastest):
   """Whole runs through the public API: ``C`` calls of
   :func:`qjax.sweep.train` (one seed each) against one
   :func:`qjax.sweep.sweep` of the ``C`` seeds, on the whole dataset.
@@ -205,7 +215,6 @@ class _RunTiming:
 
   def __init__(self, model, model_name, dataset, config, kind: str,
                num_configs: int):
-    self.best, self.best_cpu = float("inf"), None
     seeds = tuple(range(num_configs))
     options = {"model_name": model_name, "progress": False}
     if kind == "sweep":
@@ -220,10 +229,7 @@ class _RunTiming:
   def once(self) -> float:
     cpu, t0 = time.process_time(), time.perf_counter()
     self.call()
-    seconds = time.perf_counter() - t0
-    if seconds < self.best:
-      self.best, self.best_cpu = seconds, time.process_time() - cpu
-    return seconds
+    return self._keep(time.perf_counter() - t0, cpu)
 
 
 def _row(model_name, scope, kind, strategy, num_configs, steps, timing,
@@ -374,10 +380,7 @@ def main(argv=None) -> dict:
                       help="rounds of the end-to-end rows; the fastest counts")
   parser.add_argument("--out",
                       default="results/benchmarks/sweep_throughput.json")
-  parser.add_argument("--cpu-devices", type=int, default=None,
-                      help="expose the CPU as this many devices (default: "
-                      "one per core, as experiments.train does; 1: one "
-                      "device); see qjax.sweep.cpu_devices")
+  common.add_cpu_devices_flag(parser)  # as the experiment commands have it
   args = parser.parse_args(argv)
   cpu_devices = sweep_lib.cpu_devices(args.cpu_devices)
   models = [m for m in args.models.split(",") if m]

@@ -295,8 +295,21 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
   return p
 
 
+def _device_count(text: str) -> int:
+  """argparse type of ``--cpu-devices``: an int >= 1."""
+  try:
+    count = int(text)
+  except ValueError:
+    count = 0
+  if count < 1:
+    raise argparse.ArgumentTypeError(
+        f"expected a number of devices >= 1, got {text!r}; omit the flag for "
+        "one device per core")
+  return count
+
+
 def add_cpu_devices_flag(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--cpu-devices", type=int, default=None,
+  p.add_argument("--cpu-devices", type=_device_count, default=None,
                  help="expose the CPU as this many JAX devices, over which "
                  "a sweep's configs are sharded (default: one per core; 1: "
                  "one device; no effect on GPU/TPU); see "

@@ -331,7 +331,6 @@ class _Programs:
                                                            metrics)
     return states, jax.tree.map(lambda v: v / idx.shape[1], totals)
 
-
   def _run_epoch_lanes(self, states, x, y, idx, hps):
     """Step after step, config after config, with the states kept apart.
 

@@ -8,7 +8,9 @@ import sys
 import jax
 import pytest
 
+from benchmarks import sweep_throughput
 from experiments import batch_size, common, sign_flips, table1
+from experiments import train as train_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = (table1, sign_flips, batch_size)
@@ -232,3 +234,17 @@ def test_imagenet_config_streams_through_tfds_with_mock_data():
     assert x.shape == (4, 224, 224, 3)
     res = common.train_method(exp, "sr", batch_size=4, label="SR-ADAM")
   assert res["steps"] == 4 and len(res["test_error"]) == 1
+
+
+@pytest.mark.parametrize("main", [
+    table1.main, train_command.main, sweep_throughput.main],
+                         ids=["table1", "train", "benchmark"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_cpu_devices_flag_refuses_bad_counts(main, value, capsys):
+  """Every command with --cpu-devices stops in argparse, before any work,
+  saying what it expected and what it got."""
+  with pytest.raises(SystemExit) as exit_info:
+    main(["--cpu-devices", value])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"expected a number of devices >= 1, got {value!r}" in err
