@@ -356,14 +356,14 @@ def fastest_notes(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", type=int, default=16)
-  parser.add_argument("--steps", type=int, default=None,
+  parser.add_argument("--configs", type=common.positive_int, default=16)
+  parser.add_argument("--steps", type=common.positive_int, default=None,
                       help="training steps (batches of 128) per epoch; "
                       f"default per model {DEFAULT_STEPS}")
   parser.add_argument("--models", default="mlp,cnn")
   parser.add_argument("--strategies", choices=("auto", "all"), default="auto")
   parser.add_argument("--method", choices=("sr", "bc"), default="sr")
-  parser.add_argument("--repeats", type=int, default=None,
+  parser.add_argument("--repeats", type=common.positive_int, default=None,
                       help="timed epochs per measurement, the fastest counts; "
                       f"default per model {DEFAULT_REPEATS}")
   parser.add_argument("--end-to-end", default="mlp",
@@ -371,12 +371,12 @@ def main(argv=None) -> dict:
                       "as whole runs: C x qjax.sweep.train against one "
                       "qjax.sweep.sweep (default: mlp; a CNN epoch of 16 "
                       "runs takes many minutes here)")
-  parser.add_argument("--runs-epochs", type=int, default=1,
+  parser.add_argument("--runs-epochs", type=common.positive_int, default=1,
                       help="epochs per run in the end-to-end rows")
-  parser.add_argument("--runs-examples", type=int, default=None,
+  parser.add_argument("--runs-examples", type=common.positive_int, default=None,
                       help="training (and at most as many test) examples in "
                       "the end-to-end rows; default: all of MNIST")
-  parser.add_argument("--runs-repeats", type=int, default=2,
+  parser.add_argument("--runs-repeats", type=common.positive_int, default=2,
                       help="rounds of the end-to-end rows; the fastest counts")
   parser.add_argument("--out",
                       default="results/benchmarks/sweep_throughput.json")

@@ -295,21 +295,19 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
   return p
 
 
-def _device_count(text: str) -> int:
-  """argparse type of ``--cpu-devices``: an int >= 1."""
+def positive_int(text: str) -> int:
+  """argparse type for counts: an int >= 1, else a message saying so."""
   try:
-    count = int(text)
+    value = int(text)
   except ValueError:
-    count = 0
-  if count < 1:
-    raise argparse.ArgumentTypeError(
-        f"expected a number of devices >= 1, got {text!r}; omit the flag for "
-        "one device per core")
-  return count
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+  return value
 
 
 def add_cpu_devices_flag(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--cpu-devices", type=_device_count, default=None,
+  p.add_argument("--cpu-devices", type=positive_int, default=None,
                  help="expose the CPU as this many JAX devices, over which "
                  "a sweep's configs are sharded (default: one per core; 1: "
                  "one device; no effect on GPU/TPU); see "

@@ -6,6 +6,8 @@ checks that the benchmark still runs against the engine's current API.
 
 import json
 
+import pytest
+
 from benchmarks import sweep_throughput
 
 
@@ -36,3 +38,13 @@ def test_end_to_end_rows_can_be_switched_off(tmp_path):
       "--models", "mlp", "--configs", "2", "--steps", "1", "--repeats", "1",
       "--end-to-end", "", "--out", str(tmp_path / "b.json")])
   assert {r["scope"] for r in result["rows"]} == {"steps"}
+
+
+@pytest.mark.parametrize("flag", ["--configs", "--steps", "--repeats",
+                                  "--runs-epochs", "--runs-examples",
+                                  "--runs-repeats"])
+def test_counts_below_one_are_refused_before_any_work(flag, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    sweep_throughput.main([flag, "0"])
+  assert exit_info.value.code == 2
+  assert f"{flag}: expected an int >= 1, got '0'" in capsys.readouterr().err

@@ -247,4 +247,4 @@ def test_cpu_devices_flag_refuses_bad_counts(main, value, capsys):
     main(["--cpu-devices", value])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
-  assert f"expected a number of devices >= 1, got {value!r}" in err
+  assert f"--cpu-devices: expected an int >= 1, got {value!r}" in err
