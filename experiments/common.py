@@ -306,6 +306,75 @@ def positive_int(text: str) -> int:
   return value
 
 
+def _items(text: str, what: str) -> list[str]:
+  items = [v.strip() for v in text.split(",")]
+  if not text.strip() or any(not v for v in items):
+    raise argparse.ArgumentTypeError(
+        f"expected a comma-separated list of {what}, got {text!r}")
+  return items
+
+
+def _distinct(values: tuple, text: str) -> tuple:
+  if len(set(values)) != len(values):
+    raise argparse.ArgumentTypeError(f"values repeat in {text!r}")
+  return values
+
+
+def int_list(minimum: int = 0, maximum: int | None = None) -> Callable:
+  """argparse type: ``"0,1,2"`` -> ``(0, 1, 2)``, distinct ints in range."""
+  what = (f"ints >= {minimum}" if maximum is None
+          else f"ints in [{minimum}, {maximum}]")
+
+  def parse(text: str) -> tuple[int, ...]:
+    out = []
+    for item in _items(text, what):
+      try:
+        value = int(item)
+      except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {what}, got {text!r} "
+            f"({item!r} is not an int)") from None
+      if value < minimum or (maximum is not None and value > maximum):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {what}, got {text!r}")
+      out.append(value)
+    return _distinct(tuple(out), text)
+  return parse
+
+
+def positive_float_list(text: str) -> tuple[float, ...]:
+  """argparse type: ``"0.01,0.001"`` -> distinct floats > 0, finite in f32."""
+  what = "numbers > 0 (finite in float32)"
+  out = []
+  for item in _items(text, what):
+    try:
+      value = float(item)
+    except ValueError:
+      value = float("nan")
+    with np.errstate(over="ignore"):
+      ok = np.isfinite(np.float32(value)) and np.float32(value) > 0
+    if not ok:
+      raise argparse.ArgumentTypeError(
+          f"expected a comma-separated list of {what}, got {text!r} "
+          f"({item!r} is not allowed)")
+    out.append(value)
+  return _distinct(tuple(out), text)
+
+
+def name_list(choices) -> Callable:
+  """argparse type: ``"fp,sr"`` -> ``("fp", "sr")``, each one of ``choices``."""
+  what = f"names from {{{','.join(choices)}}}"
+
+  def parse(text: str) -> tuple[str, ...]:
+    items = _items(text, what)
+    unknown = [v for v in items if v not in choices]
+    if unknown:
+      raise argparse.ArgumentTypeError(
+          f"unknown {unknown} in {text!r}; choose from {', '.join(choices)}")
+    return _distinct(tuple(items), text)
+  return parse
+
+
 def add_cpu_devices_flag(p: argparse.ArgumentParser) -> None:
   p.add_argument("--cpu-devices", type=positive_int, default=None,
                  help="expose the CPU as this many JAX devices, over which "

@@ -11,9 +11,15 @@ Command (the README's main job; a few minutes on 2 CPU cores):
         --methods fp,bc,sr,r --seeds 0,1,2 --epochs 3 --out results/mnist_mlp
 
 Smoke (seconds): ``python -m experiments.train --smoke``.
-Outputs in ``--out``: results.json (config, versions, device, wall time,
-per-epoch metrics), metrics.csv, curves.png, table.md; checkpoints under
-``checkpoints/`` (an interrupted run resumes where it stopped).
+Outputs in ``--out``: results.json (config, versions, git commit, device,
+model, each quantized layer's grid, wall time, per-epoch metrics),
+metrics.csv, curves.png, table.md; checkpoints under ``checkpoints/``.
+
+Everything is checked before the first step: flags and ``--config`` files
+(one parser for both), the dataset, the output folder (writable, and locked
+against a second run writing into it), and existing checkpoints (rerunning
+the same command resumes; a checkpoint of a different run is refused, see
+``--fresh``). A user error is one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,126 +27,272 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
 from experiments import common
+from qjax import checkpoint as ckpt_lib
 from qjax import data as data_lib
+from qjax import methods as methods_lib
 from qjax import models
 from qjax import results as results_lib
 from qjax import sweep as sweep_lib
-from qjax.train import TrainConfig
+from qjax import train as train_lib
 
 LABELS = {"fp": "ADAM", "bc": "BC-ADAM", "sr": "SR-ADAM", "r": "R-ADAM"}
+PROG = "python -m experiments.train"
+# --smoke changes these defaults; flags given explicitly still win.
+SMOKE = {"dataset": "digits", "epochs": 1, "seeds": (0, 1),
+         "mlp_features": (64,), "batch_size": 64, "out": "results/train_smoke"}
+STRATEGIES = ("auto", "scan-vmap", "scan-map", "scan-loop", "loop-vmap",
+              "loop-map", "loop-loop")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-  return tuple(float(v) for v in text.split(",") if v)
+class UsageError(Exception):
+  """A user error found before training: printed as one line, exit 2."""
 
 
-def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(v) for v in text.split(",") if v)
-
-
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", help="JSON file whose keys are these flags "
-                 "(command-line flags override it)")
-  p.add_argument("--dataset", default="mnist",
-                 choices=data_lib.KNOWN_NAMES)
-  p.add_argument("--model", default="mlp")
-  p.add_argument("--mlp-features", default="256,256",
-                 help="hidden sizes of the MLP")
-  p.add_argument("--methods", default="fp,bc,sr,r")
-  p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-  p.add_argument("--lrs", default="0.01", help="comma-separated")
-  p.add_argument("--seeds", default="0,1,2", help="comma-separated")
-  p.add_argument("--grid-scales", default="",
+def parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog=PROG, description=__doc__.split("\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+      exit_on_error=exit_on_error)
+  p.add_argument("--config", default=None,
+                 help="JSON object whose keys are these flags (e.g. "
+                 '{"lrs": [0.01, 0.001], "epochs": 3}); parsed and checked '
+                 "exactly like the flags, which override it")
+  p.add_argument("--dataset", default="mnist", choices=data_lib.KNOWN_NAMES)
+  p.add_argument("--model", default="mlp", choices=models.NAMES)
+  p.add_argument("--mlp-features", type=common.int_list(1), default=(256, 256),
+                 help="hidden sizes of the MLP, comma-separated")
+  p.add_argument("--methods", type=common.name_list(methods_lib.METHODS),
+                 default=("fp", "bc", "sr", "r"), help="comma-separated")
+  p.add_argument("--optimizer", default="adam",
+                 choices=methods_lib.OPTIMIZERS)
+  p.add_argument("--lrs", type=common.positive_float_list, default=(0.001,),
+                 help="learning rates, comma-separated (0.001 suits the "
+                 "binary MLP; see the README)")
+  p.add_argument("--seeds", type=common.int_list(0, 2**32 - 1),
+                 default=(0, 1, 2), help="comma-separated")
+  p.add_argument("--grid-scales", type=common.positive_float_list,
+                 default=None,
                  help="multiples of each layer's binary scale H to sweep "
                  "(the grid spacing), e.g. 0.5,1,2; default: H itself")
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--epochs", type=int, default=3)
-  p.add_argument("--lr-decay-epochs", default="",
-                 help="divide the lr by 10 at these epochs, e.g. 82,122")
+  p.add_argument("--batch-size", type=common.positive_int, default=128)
+  p.add_argument("--epochs", type=common.positive_int, default=3)
+  p.add_argument("--lr-decay-epochs", type=common.int_list(1), default=(),
+                 help="divide the lr by 10 at these epochs (each < --epochs),"
+                 " e.g. 82,122")
   p.add_argument("--mask", default="auto", choices=("auto", "all", "conv"),
                  help="which kernels are binarized (auto: conv for convnets,"
                  " all for the MLP)")
-  p.add_argument("--strategy", default="auto",
-                 choices=("auto", "scan-vmap", "scan-map", "scan-loop",
-                          "loop-vmap", "loop-map", "loop-loop"),
+  p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                  help="steps-configs execution (auto: measured best for the "
                  "model and backend, see qjax.sweep.choose_strategy)")
-  p.add_argument("--max-configs-per-chunk", type=int, default=None)
-  p.add_argument("--train-subset", type=int, default=None,
+  p.add_argument("--max-configs-per-chunk", type=common.positive_int,
+                 default=None, help="train at most this many configs at once")
+  p.add_argument("--train-subset", type=common.positive_int, default=None,
                  help="use only the first N training examples")
-  p.add_argument("--out", default="results/train")
+  p.add_argument("--out", default="results/train", help="output folder")
+  p.add_argument("--fresh", action="store_true",
+                 help="discard existing checkpoints in --out and start over "
+                 "(by default the same command resumes, and a different run "
+                 "is refused)")
   p.add_argument("--no-checkpoint", action="store_true")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--smoke", action="store_true",
-                 help="digits, 1 epoch, 2 seeds: runs in seconds")
+                 help="defaults for a run of seconds: digits, 1 epoch, "
+                 "seeds 0,1, MLP 64, batch 64 (explicit flags still win)")
   common.add_cpu_devices_flag(p)
   return p
 
 
+def config_tokens(p: argparse.ArgumentParser, path: str) -> list[str]:
+  """The flags a ``--config`` JSON file stands for, to parse like argv.
+
+  Raises:
+    UsageError: the file is missing or malformed, a key is not a flag, or
+      a value has a type no flag takes.
+  """
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except OSError as err:
+    raise UsageError(f"--config {path}: cannot read it ({err.strerror})")
+  except json.JSONDecodeError as err:
+    raise UsageError(f"--config {path}: not valid JSON ({err})")
+  if not isinstance(values, dict):
+    raise UsageError(f"--config {path}: expected a JSON object of flags, got "
+                     f"a {type(values).__name__}")
+  actions = {a.dest: a for a in p._actions  # pylint: disable=protected-access
+             if a.option_strings and a.dest not in ("help", "config")}
+  tokens = []
+  for key, value in values.items():
+    dest = key.replace("-", "_")
+    if dest not in actions:
+      raise UsageError(
+          f"--config {path}: unknown key {key!r}; known keys: "
+          f"{', '.join(sorted(actions))}")
+    tokens += _tokens(actions[dest], value, f"--config {path}: {key}")
+  return tokens
+
+
+def _tokens(action: argparse.Action, value, where: str) -> list[str]:
+  flag = action.option_strings[0]
+  if action.nargs == 0:  # a store_true switch
+    if not isinstance(value, bool):
+      raise UsageError(f"{where}: expected true or false, got {value!r}")
+    return [flag] if value else []
+  if isinstance(value, list):
+    if not value or not all(_scalar(v) for v in value):
+      raise UsageError(f"{where}: expected a non-empty list of numbers or "
+                       f"names, got {value!r}")
+    return [flag, ",".join(str(v) for v in value)]
+  if not _scalar(value):
+    raise UsageError(f"{where}: expected a number, a name or a list, got "
+                     f"{value!r}")
+  return [flag, str(value)]
+
+
+def _scalar(value) -> bool:
+  return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+  """Flags, with a ``--config`` file's keys parsed by the same parser."""
+  argv = list(sys.argv[1:] if argv is None else argv)
   p = parser()
-  args = p.parse_args(argv)
-  if args.config:
-    with open(args.config) as f:
-      p.set_defaults(**{k.replace("-", "_"): v for k, v in json.load(f).items()})
-    args = p.parse_args(argv)
-  if args.smoke:
-    args.dataset, args.epochs, args.seeds = "digits", 1, "0,1"
-    args.mlp_features, args.batch_size = "64", 64
-    if args.out == "results/train":
-      args.out = "results/train_smoke"
-  return args
+  first = p.parse_args(argv)  # every flag checked once, as given
+  tokens = config_tokens(p, first.config) if first.config else []
+  if tokens:  # the file's values alone, so that errors name the file
+    try:
+      parser(exit_on_error=False).parse_args(tokens)
+    except argparse.ArgumentError as err:
+      raise UsageError(f"--config {first.config}: {err}") from None
+  if "--smoke" in tokens or first.smoke:
+    p.set_defaults(**SMOKE)
+  return p.parse_args(tokens + argv)
 
 
-def build_model(args, num_classes: int):
+class Plan:
+  """Everything a run needs, built and checked before the first step."""
+
+  def __init__(self, args: argparse.Namespace):
+    self.args = args
+    self.dataset = _load_dataset(args)
+    self.model = _model(args, self.dataset.num_classes)
+    self.strategy = (None if args.strategy == "auto" else sweep_lib.Strategy(
+        *args.strategy.split("-")))
+    self.spec = sweep_lib.SweepSpec(seeds=args.seeds, lrs=args.lrs,
+                                    grid_scales=args.grid_scales)
+    mask = args.mask if args.mask != "auto" else (
+        "conv" if args.model in sweep_lib.CONV_MODELS else "all")
+    try:
+      self.configs = {m: train_lib.TrainConfig(
+          method=m, optimizer=args.optimizer, mask=mask,
+          batch_size=args.batch_size, epochs=args.epochs,
+          lr_decay_epochs=args.lr_decay_epochs) for m in args.methods}
+    except ValueError as err:
+      raise UsageError(str(err).replace("lr_decay_epochs", "--lr-decay-epochs")
+                       ) from None
+    n = self.dataset.train_x.shape[0]
+    if args.batch_size > n:
+      raise UsageError(f"--batch-size {args.batch_size} exceeds the {n} "
+                       f"training examples of {args.dataset}; choose at most "
+                       f"{n}")
+
+  def checkpoint_dir(self, method: str) -> str | None:
+    if self.args.no_checkpoint:
+      return None
+    return os.path.join(self.args.out, "checkpoints", method)
+
+  def check_checkpoints(self) -> None:
+    """Refuses, before any training, checkpoints of another run."""
+    if self.args.fresh:
+      return
+    for method, config in self.configs.items():
+      directory = self.checkpoint_dir(method)
+      if directory:
+        sweep_lib.check_resumable(
+            self.model, self.dataset, config, self.spec, directory,
+            model_name=self.args.model, strategy=self.strategy,
+            max_configs_per_chunk=self.args.max_configs_per_chunk)
+
+
+def _load_dataset(args) -> data_lib.Dataset:
+  try:
+    dataset = data_lib.load(args.dataset)
+  except (data_lib.DatasetNotFoundError, data_lib.DatasetCorruptError,
+          ImportError) as err:
+    raise UsageError(" ".join(str(err).split())) from None
+  n = dataset.train_x.shape[0]
+  if args.train_subset is not None:
+    if args.train_subset > n:
+      raise UsageError(f"--train-subset {args.train_subset} exceeds the {n} "
+                       f"training examples of {args.dataset}; choose at most "
+                       f"{n}, or leave it out to use them all")
+    dataset = dataset._replace(train_x=dataset.train_x[:args.train_subset],
+                               train_y=dataset.train_y[:args.train_subset])
+  return dataset
+
+
+def _model(args, num_classes: int):
   if args.model == "mlp":
-    return models.get("mlp", num_classes, features=_ints(args.mlp_features))
+    return models.get("mlp", num_classes, features=args.mlp_features)
   return models.get(args.model, num_classes)
 
 
-def run(args: argparse.Namespace) -> dict:
-  """Runs every method's sweep; writes results; returns the payload."""
-  dataset = data_lib.load(args.dataset)
-  if args.train_subset:
-    dataset = dataset._replace(train_x=dataset.train_x[:args.train_subset],
-                               train_y=dataset.train_y[:args.train_subset])
-  model = build_model(args, dataset.num_classes)
-  mask = args.mask if args.mask != "auto" else (
-      "conv" if args.model in sweep_lib.CONV_MODELS else "all")
-  strategy = (None if args.strategy == "auto" else sweep_lib.Strategy(
-      *args.strategy.split("-")))
-  spec = sweep_lib.SweepSpec(seeds=_ints(args.seeds), lrs=_floats(args.lrs),
-                             grid_scales=_floats(args.grid_scales) or None)
-  runs, start = [], time.time()
-  for method in args.methods.split(","):
-    config = TrainConfig(method=method, optimizer=args.optimizer, mask=mask,
-                         batch_size=args.batch_size, epochs=args.epochs,
-                         lr_decay_epochs=_ints(args.lr_decay_epochs))
+def run(args: argparse.Namespace, plan: Plan | None = None) -> dict:
+  """Runs every method's sweep; writes results; returns the payload.
+
+  The output folder is checked and locked first, and existing checkpoints
+  are checked against this run, before any training.
+  """
+  plan = plan or Plan(args)
+  ckpt_lib.check_writable(args.out)
+  command = " ".join([PROG] + [shlex.quote(a) for a in sys.argv[1:]])
+  with ckpt_lib.lock_directory(args.out, command):
+    plan.check_checkpoints()
+    payload = _train(plan)
+    write(args.out, payload)
+  return payload
+
+
+def _train(plan: Plan) -> dict:
+  args, runs, start = plan.args, [], time.time()
+  for method, config in plan.configs.items():
     t0 = time.time()
     out = sweep_lib.sweep(
-        model, dataset, config, spec, model_name=args.model,
-        strategy=strategy, max_configs_per_chunk=args.max_configs_per_chunk,
-        checkpoint_dir=(None if args.no_checkpoint else os.path.join(
-            args.out, "checkpoints", method)),
+        plan.model, plan.dataset, config, plan.spec, model_name=args.model,
+        strategy=plan.strategy,
+        max_configs_per_chunk=args.max_configs_per_chunk,
+        checkpoint_dir=plan.checkpoint_dir(method), fresh=args.fresh,
         progress=not args.no_progress)
     label = LABELS[method] if args.optimizer == "adam" else method.upper()
     runs.append({"label": label, "method": method, "configs": out["configs"],
                  "strategy": out["strategy"],
                  "train_config": out["train_config"],
-                 "eval_mode": __import__("qjax").methods.EVAL_MODES[method],
+                 "eval_mode": methods_lib.EVAL_MODES[method],
+                 "grids": _grids(config, out),
                  "history": out["history"], "seconds": time.time() - t0})
-  payload = {"args": vars(args), "environment": results_lib.environment(),
-             "dataset": {"name": dataset.name,
-                         "train": int(dataset.train_x.shape[0]),
-                         "test": int(dataset.test_x.shape[0])},
-             "wall_seconds": time.time() - start, "runs": runs}
-  write(args.out, payload)
-  return payload
+  ds = plan.dataset
+  return {"args": vars(args), "environment": results_lib.environment(),
+          "dataset": sweep_lib.describe_dataset(ds),
+          "model": sweep_lib.model_definition(plan.model),
+          "wall_seconds": time.time() - start, "runs": runs}
+
+
+def _grids(config, out: dict) -> list[dict]:
+  """Per config, each quantized layer's grid (``qjax.train.layer_grids``)."""
+  import jax
+  params = out["final_state"].params
+  grids = []
+  for i, cfg in enumerate(out["configs"]):
+    hp = {k: v for k, v in cfg.items() if k != "seed"}
+    grids.append(train_lib.layer_grids(
+        config, jax.tree.map(lambda v, i=i: v[i], params), hp))
+  return grids
 
 
 def write(out_dir: str, payload: dict) -> None:
@@ -153,13 +305,20 @@ def write(out_dir: str, payload: dict) -> None:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  sweep_lib.cpu_devices(args.cpu_devices)  # before JAX creates an array
   try:
-    payload = run(args)
-  except data_lib.DatasetNotFoundError as err:
-    print(f"error: {err}", file=sys.stderr)
+    args = parse_args(argv)
+    sweep_lib.cpu_devices(args.cpu_devices)  # before JAX creates an array
+    try:
+      plan = Plan(args)
+    except ValueError as err:  # a check of qjax's own (SweepSpec, models)
+      raise UsageError(str(err)) from None
+    payload = run(args, plan)
+  except (UsageError, ckpt_lib.CheckpointError) as err:
+    print(f"{PROG}: error: {err}", file=sys.stderr)
     return 2
+  except train_lib.NonFiniteError as err:
+    print(f"{PROG}: error: {err}", file=sys.stderr)
+    return 1
   print(f"\n{payload['dataset']['name']}: final test error after "
         f"{args.epochs} epoch(s), {payload['wall_seconds']:.0f} s in all "
         f"({payload['environment']['backend']})")

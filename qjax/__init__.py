@@ -12,6 +12,7 @@ from qjax.methods import Method
 from qjax.quantizers import all_floats
 from qjax.quantizers import all_kernels
 from qjax.quantizers import conv_kernels
+from qjax.quantizers import default_mask
 from qjax.quantizers import glorot_binary_grid
 from qjax.quantizers import glorot_scale
 from qjax.quantizers import mean_abs_scale
@@ -22,9 +23,11 @@ from qjax.quantizers import round_stochastic
 from qjax.quantizers import sign
 from qjax.quantizers import stochastic_binarize
 from qjax.quantizers import straight_through
+from qjax.transforms import SkipNonFiniteState
 from qjax.transforms import StochasticRoundingState
 from qjax.transforms import latent_clipping
 from qjax.transforms import nearest_rounding
+from qjax.transforms import skip_nonfinite
 from qjax.transforms import stochastic_rounding
 
 __version__ = "0.1.0"
@@ -32,11 +35,13 @@ __version__ = "0.1.0"
 __all__ = (
     "Grid",
     "Method",
+    "SkipNonFiniteState",
     "StochasticRoundingState",
     "all_floats",
     "all_kernels",
     "contains",
     "conv_kernels",
+    "default_mask",
     "glorot_binary_grid",
     "glorot_scale",
     "latent_clipping",
@@ -48,6 +53,7 @@ __all__ = (
     "round_nearest",
     "round_stochastic",
     "sign",
+    "skip_nonfinite",
     "stochastic_binarize",
     "stochastic_rounding",
     "straight_through",

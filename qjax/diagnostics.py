@@ -29,7 +29,7 @@ def layer_name(path: tuple[str, ...]) -> str:
 
 def sign_flip_fractions(before: PyTree, after: PyTree, mask) -> dict:
   """``{layer name: sign_flip_fraction}`` over the masked leaves."""
-  mask = quantizers.resolve_mask(mask, before)
+  mask = quantizers.resolve_mask(mask, before, allow_empty=True)
   flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
   flat_after = jax.tree.leaves(after)
   flat_mask = jax.tree.leaves(mask)

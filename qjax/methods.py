@@ -12,6 +12,17 @@ method     forward view         update (last chain link)    stored weights
 Each method runs with base optimizer ``sgd`` (the paper's equations) or
 ``adam`` (the "-ADAM" variants: R-ADAM, SR-ADAM, BC-ADAM; Adam moments stay in
 float). A training loop needs only :class:`Method`'s fields, never the name.
+
+Which leaves are quantized: ``mask`` (default: the kernels,
+:func:`qjax.all_kernels`; biases and BatchNorm parameters stay in float). A
+mask that selects no leaf is an error, not a silent float run.
+
+Non-finite steps: every ``Method.tx`` is the whole chain wrapped in
+:func:`qjax.skip_nonfinite`. A step whose gradients or updates contain a NaN
+or inf changes nothing: parameters stay bit for bit (on the grid for SR/R),
+the optimizer state (Adam's moments, SR's key) is kept, and the state's
+``skipped`` and ``streak`` counters grow; the next finite step trains
+normally. A run whose ``streak`` keeps growing has stopped training.
 """
 
 from __future__ import annotations
@@ -45,7 +56,9 @@ class Method(NamedTuple):
   Attributes:
     name: e.g. ``"sr-adam"``.
     view: ``params -> params`` used in the forward pass (and evaluation).
-    tx: the optax chain; its ``update`` needs ``params``.
+    tx: the optax chain, wrapped in :func:`qjax.skip_nonfinite` (its state is
+      a :class:`qjax.transforms.SkipNonFiniteState`); its ``update`` needs
+      ``params``.
     project: ``params -> params`` applied once at initialisation (rounds SR/R
       weights onto the grid, clips BC latent weights into its range).
     eval_mode: which weights evaluation sees, recorded in results.
@@ -102,7 +115,11 @@ def make(name: str, learning_rate=1e-2, *, optimizer="adam",
     grid: the grid of the quantized leaves, a Grid or ``(path, leaf) ->
       Grid``. The default is a binary grid with BinaryConnect's per-layer
       Glorot scale.
-    mask: which leaves are quantized (e.g. :func:`qjax.conv_kernels`).
+    mask: which leaves are quantized, as in :func:`qjax.resolve_mask`; the
+      default is the kernels (:func:`qjax.all_kernels`; a bare array is
+      quantized whole), e.g. :func:`qjax.conv_kernels` for the paper's
+      convolution-only runs. Selecting nothing is an error. Ignored by
+      ``"fp"``, which quantizes nothing.
     key: seed or key for SR's rounding (required for ``"sr"``).
     ste_clip: BC only: zero the STE gradient where ``|w_r| > ste_clip``.
     scale_by_grid: BC only: per-layer learning-rate scale ``1/H``.
@@ -119,22 +136,27 @@ def make(name: str, learning_rate=1e-2, *, optimizer="adam",
   base = base_optimizer(optimizer, learning_rate)
   label = name if not isinstance(optimizer, str) else f"{name}-{optimizer}"
   if name == "fp":
-    return Method(label, _identity, optax.with_extra_args_support(base),
+    return Method(label, _identity, transforms.skip_nonfinite(base),
                   _identity, EVAL_MODES[name])
   if name == "bc":
     view = lambda p: quantizers.quantize(p, quantizers.round_nearest, mask,
                                          grid=grid, clip=ste_clip)
-    tx = optax.chain(base, transforms.latent_clipping(grid, mask,
-                                                      scale_by_grid))
+    rule = transforms.latent_clipping(grid, mask, scale_by_grid)
     project = lambda p: _clip_latent(p, mask, grid)
-    return Method(label, view, tx, project, EVAL_MODES[name])
+    return Method(label, view, _guarded(base, rule), project,
+                  EVAL_MODES[name])
   project = lambda p: _round_onto_grid(p, mask, grid)
   if name == "sr":
     rule = transforms.stochastic_rounding(grid, key, mask)
   else:
     rule = transforms.nearest_rounding(grid, mask)
-  return Method(label, _identity, optax.chain(base, rule), project,
+  return Method(label, _identity, _guarded(base, rule), project,
                 EVAL_MODES[name])
+
+
+def _guarded(base, rule) -> optax.GradientTransformationExtraArgs:
+  """``base`` then the update ``rule``, skipping non-finite steps."""
+  return transforms.skip_nonfinite(optax.chain(base, rule))
 
 
 def fp(learning_rate=1e-2, **kwargs) -> Method:

@@ -150,6 +150,59 @@ def round_nearest(x: ArrayLike, grid: Grid, dtype=None) -> Array:
   return _grid_value(k, lat, ct, dtype)
 
 
+_VMAP_ROUNDING = ("jax.vmap over the keys, e.g. jax.vmap(lambda k: "
+                  "qjax.round_stochastic(k, x, grid))(keys)")
+
+
+def _batched_key_error(name: str, key, hint: str) -> ValueError:
+  return ValueError(
+      f"{name} expects one key; got a batch of keys of shape {key.shape} "
+      f"(dtype {key.dtype}). Pass a single key such as keys[0], or {hint}.")
+
+
+def as_key(key, name: str = "key", vmap_hint: str = _VMAP_ROUNDING):
+  """One ``jax.random`` key from an int seed, a typed key or a raw key.
+
+  Accepts a Python or numpy integer or an integer scalar array (a seed,
+  turned into ``jax.random.key(seed)``), a typed key of shape ``()`` or a raw
+  ``uint32`` key of shape ``(2,)`` (returned as given, so results stay bit
+  for bit those of that key).
+
+  Raises:
+    ValueError: for ``None`` or a batch of keys (typed keys of shape
+      ``(n,)``, raw keys of shape ``(n, 2)``); ``vmap_hint`` says how to
+      use several keys instead.
+    TypeError: for anything else.
+  """
+  if key is None:
+    raise ValueError(
+        f"{name} draws random numbers and needs a key; got key=None. Pass "
+        "key=0 (an int seed) or key=jax.random.key(0).")
+  if isinstance(key, (int, np.integer)) and not isinstance(
+      key, (bool, np.bool_)):
+    return jax.random.key(int(key))
+  if not isinstance(key, jax.Array):
+    key = jnp.asarray(key) if isinstance(key, np.ndarray) else key
+  dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if shape:
+      raise _batched_key_error(name, key, vmap_hint)
+    return key
+  if dtype == jnp.uint32 and len(shape) >= 2:
+    raise _batched_key_error(name, key, vmap_hint)
+  if dtype == jnp.uint32 and len(shape) == 1:
+    return key
+  if (dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+      and shape == ()):
+    return jax.random.key(key)
+  description = (f"an array of dtype {dtype} and shape {shape}"
+                 if dtype is not None else repr(key))
+  raise TypeError(
+      f"{name}: key must be an int seed or a jax.random key (typed, or raw "
+      f"uint32 of shape (2,)); got {description}. Pass e.g. key=0 or "
+      "key=jax.random.key(0).")
+
+
 def _threefry_words(key) -> Array | None:
   """The ``uint32[2]`` Threefry key of ``key``, or None for other PRNGs."""
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
@@ -221,7 +274,9 @@ def round_stochastic(key: Array, x: ArrayLike, grid: Grid,
   in float64); values outside a bounded range clip to the end points.
 
   Args:
-    key: a ``jax.random`` key; the same key gives bit-identical results.
+    key: one ``jax.random`` key (typed, or raw ``uint32[2]``) or an int seed;
+      the same key gives bit-identical results. For a batch of keys, use
+      ``jax.vmap`` (see :func:`as_key`).
     x: floating-point array of any dtype.
     grid: the :class:`~qjax.Grid` to round onto.
     dtype: storage dtype of the result (default ``x.dtype``); the
@@ -230,10 +285,7 @@ def round_stochastic(key: Array, x: ArrayLike, grid: Grid,
   Returns:
     An array of ``x``'s shape and ``dtype`` whose entries are grid points.
   """
-  if key is None:
-    raise ValueError(
-        "round_stochastic needs a jax.random key; got key=None. Pass e.g. "
-        "jax.random.key(0).")
+  key = as_key(key, "round_stochastic", _VMAP_ROUNDING)
   x = _as_float(x, "round_stochastic")
   dtype = jnp.dtype(dtype or x.dtype)
   ct = jnp.promote_types(_compute_dtype(x.dtype), _compute_dtype(dtype))
@@ -364,8 +416,14 @@ def path_names(path) -> tuple[str, ...]:
 
 
 def all_kernels(path: tuple[str, ...], leaf) -> bool:
-  """Mask predicate: every weight matrix/tensor named ``kernel``."""
-  return bool(path) and path[-1] == "kernel"
+  """Mask predicate: every weight matrix/tensor named ``kernel``.
+
+  Flax Linen paths end in ``kernel``; Flax NNX state paths end in
+  ``kernel``, ``value`` (e.g. ``('layers', '0', 'kernel', 'value')``).
+  """
+  del leaf
+  return bool(path) and (path[-1] == "kernel"
+                         or tuple(path[-2:]) == ("kernel", "value"))
 
 
 def conv_kernels(path: tuple[str, ...], leaf) -> bool:
@@ -376,35 +434,120 @@ def conv_kernels(path: tuple[str, ...], leaf) -> bool:
 def all_floats(path: tuple[str, ...], leaf) -> bool:
   """Mask predicate: every floating-point leaf."""
   del path
-  return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+  return jnp.issubdtype(_leaf_dtype(leaf), jnp.floating)
 
 
-def resolve_mask(mask, params: PyTree) -> PyTree:
+def default_mask(path: tuple[str, ...], leaf) -> bool:
+  """The mask used for ``mask=None``: :func:`all_kernels`.
+
+  Biases, BatchNorm scales and other small leaves stay in float, as in the
+  paper. When the parameters are a single bare array (path ``()``, as in
+  :mod:`qjax.theory`), that array is the weight and is selected.
+  """
+  return not path or all_kernels(path, leaf)
+
+
+def _leaf_dtype(leaf):
+  dtype = getattr(leaf, "dtype", None)
+  return jnp.result_type(leaf) if dtype is None else dtype
+
+
+def _static_bool(value, path: tuple[str, ...], source: str) -> bool:
+  """A mask entry as a Python bool; tracers and non-bools are clear errors."""
+  where = "/".join(path) or "<root>"
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"masks must be static Python bools or predicates; the {source} gave "
+        f"a traced value {value.aval} for leaf {where}. A mask passed to a "
+        "jitted function as an argument, or built with jnp inside it, is "
+        "traced: use Python True/False, build the mask outside jit and close "
+        "over it, or pass a predicate such as qjax.all_kernels.")
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if (isinstance(value, (np.ndarray, jax.Array)) and value.shape == ()
+      and value.dtype == jnp.bool_):
+    return bool(value)
+  if source == "predicate" and not isinstance(value, (np.ndarray, jax.Array)):
+    return bool(value)
+  raise TypeError(
+      f"masks must hold one Python bool per leaf; the {source} gave "
+      f"{value!r} for leaf {where}. Use True/False (not arrays of values "
+      "or numbers), or a predicate (path, leaf) -> bool.")
+
+
+def _describe_paths(params: PyTree, limit: int = 10) -> str:
+  paths = ["/".join(path_names(p)) or "<root>"
+           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if not paths:
+    return "the parameter tree has no leaves"
+  shown = ", ".join(repr(p) for p in paths[:limit])
+  more = f", ... and {len(paths) - limit} more" if len(paths) > limit else ""
+  return f"its {len(paths)} leaves are {shown}{more}"
+
+
+def _check_selected(mask: PyTree, params: PyTree, allow_empty: bool) -> None:
+  """Selected leaves are floats; something is selected (unless allowed)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  selected = jax.tree_util.tree_structure(params).flatten_up_to(mask)
+  for (path, leaf), m in zip(flat, selected):
+    dtype = _leaf_dtype(leaf)
+    if m and not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          "quantized leaves must be floating point; the mask selects leaf "
+          f"{'/'.join(path_names(path)) or '<root>'} of dtype {dtype}. "
+          "Leave it out of the mask (e.g. with a predicate that also checks "
+          "jnp.issubdtype(leaf.dtype, jnp.floating)) or cast it to float.")
+  if not allow_empty and not any(selected):
+    raise ValueError(
+        "mask selects no parameter, so nothing would be quantized and the "
+        f"run would silently train in float; {_describe_paths(params)}. Pass "
+        "a mask that selects your kernels: a predicate (path, leaf) -> bool "
+        "(e.g. lambda path, leaf: path[-1] == 'w' for Haiku, or "
+        "qjax.all_floats for every float leaf), or a tree of bools shaped "
+        "like the parameters. The default, qjax.all_kernels, selects leaves "
+        "named 'kernel' (Flax Linen, and NNX paths ending 'kernel', 'value').")
+
+
+def resolve_mask(mask, params: PyTree, *, allow_empty: bool = False) -> PyTree:
   """Turns ``mask`` into a tree of Python bools shaped like ``params``.
 
   Args:
-    mask: ``None`` (every floating-point leaf), a predicate
-      ``(path_names, leaf) -> bool`` such as :func:`conv_kernels`, or a tree of
-      bools with exactly the structure of ``params``.
+    mask: ``None`` (:func:`default_mask`: the kernels, or a bare array
+      itself), a predicate ``(path_names, leaf) -> bool`` such as
+      :func:`conv_kernels`, or a tree of bools with exactly the structure of
+      ``params``. Entries must be static: Python or numpy bools, or concrete
+      (not traced) boolean scalars, converted with ``bool()``.
     params: the parameter tree.
+    allow_empty: accept a mask that selects no leaf (for callers to whom an
+      empty selection is legitimate, e.g. a diagnostic of a float run).
 
   Raises:
-    ValueError: if a mask tree's structure differs from ``params``.
+    ValueError: if a mask tree's structure differs from ``params``, if an
+      entry is traced, or if nothing is selected and not ``allow_empty``.
+    TypeError: if an entry is not a bool, or a selected leaf is not
+      floating point.
   """
   if mask is None:
-    mask = all_floats
+    mask = default_mask
   if callable(mask):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, leaf: bool(mask(path_names(p), leaf)), params)
-  params_def = jax.tree_util.tree_structure(params)
-  mask_def = jax.tree_util.tree_structure(mask)
-  if params_def != mask_def:
-    raise ValueError(
-        "mask must be a predicate (path, leaf) -> bool or a tree of bools with "
-        f"the same structure as the parameters.\n  mask tree:   {mask_def}\n"
-        f"  params tree: {params_def}\nBuild it with qjax.resolve_mask("
-        "predicate, params) or jax.tree.map(lambda _: True, params).")
-  return mask
+    resolved = jax.tree_util.tree_map_with_path(
+        lambda p, leaf: _static_bool(mask(path_names(p), leaf), path_names(p),
+                                     "predicate"), params)
+  else:
+    params_def = jax.tree_util.tree_structure(params)
+    mask_def = jax.tree_util.tree_structure(mask)
+    if params_def != mask_def:
+      raise ValueError(
+          "mask must be a predicate (path, leaf) -> bool or a tree of bools "
+          f"with the same structure as the parameters.\n  mask tree:   "
+          f"{mask_def}\n  params tree: {params_def}\nBuild it with "
+          "qjax.resolve_mask(predicate, params) or jax.tree.map(lambda _: "
+          "True, params).")
+    resolved = jax.tree_util.tree_map_with_path(
+        lambda p, _, m: _static_bool(m, path_names(p), "mask tree"),
+        params, mask)
+  _check_selected(resolved, params, allow_empty)
+  return resolved
 
 
 def resolve_grids(grid, params: PyTree, mask: PyTree) -> PyTree:
@@ -462,9 +605,11 @@ def quantize(params: PyTree, quantizer: Callable[..., Array] = round_nearest,
     params: parameter tree.
     quantizer: e.g. :func:`round_nearest`, :func:`round_stochastic`,
       :func:`sign`.
-    mask: which leaves to quantize (see :func:`resolve_mask`).
+    mask: which leaves to quantize (see :func:`resolve_mask`); the default
+      is the kernels (:func:`default_mask`). Selecting nothing is an error.
     grid: a Grid, or ``(path, leaf) -> Grid``, passed to the quantizer.
-    key: for stochastic quantizers; split into one key per leaf.
+    key: for stochastic quantizers (a key or an int seed); split into one
+      key per leaf.
     clip: optional STE clip.
 
   Returns:
@@ -475,6 +620,7 @@ def quantize(params: PyTree, quantizer: Callable[..., Array] = round_nearest,
     ...                 grid=Grid.binary())
   """
   mask = resolve_mask(mask, params)
+  key = None if key is None else as_key(key, "quantize")
   grids = (jax.tree.map(lambda _: None, params) if grid is None
            else resolve_grids(grid, params, mask))
 

@@ -3,28 +3,55 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import json
+import math
 import os
 import platform
+import subprocess
 import sys
 
 import numpy as np
 
 
 def environment() -> dict:
-  """Library versions and the device the run used."""
+  """Library versions, the code's git commit, the time and the devices."""
   import flax
   import jax
+  import jaxlib
   import optax
   import qjax
   devices = jax.devices()
   return {
       "python": sys.version.split()[0], "platform": platform.platform(),
-      "qjax": qjax.__version__, "jax": jax.__version__,
+      "qjax": qjax.__version__, "git_commit": git_commit(),
+      "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
       "flax": flax.__version__, "optax": optax.__version__,
       "numpy": np.__version__, "backend": jax.default_backend(),
       "devices": [str(d) for d in devices], "device_kind": devices[0].device_kind,
   }
+
+
+def git_commit() -> str | None:
+  """The commit of the qjax checkout in use (``+dirty`` if modified), or None.
+
+  None when qjax is not run from a git checkout (an installed wheel) or git
+  is missing.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"],
+                          capture_output=True, text=True, timeout=10)
+    if head.returncode:
+      return None
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
+                            "--untracked-files=no"], capture_output=True,
+                           text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def summarize(values) -> dict:
@@ -37,8 +64,9 @@ def summarize(values) -> dict:
 def jsonable(value, drop: tuple[str, ...] = ()):
   """``value`` with numpy scalars/arrays as Python ones, keys as strings.
 
-  Dict entries whose key is in ``drop`` are left out, at any depth (e.g.
-  objects that only the plotting code needs).
+  Non-finite floats become ``None`` (JSON ``null``), so the output is strict
+  JSON. Dict entries whose key is in ``drop`` are left out, at any depth
+  (e.g. objects that only the plotting code needs).
   """
   if isinstance(value, dict):
     return {str(k): jsonable(v, drop) for k, v in value.items()
@@ -46,9 +74,11 @@ def jsonable(value, drop: tuple[str, ...] = ()):
   if isinstance(value, (list, tuple)):
     return [jsonable(v, drop) for v in value]
   if isinstance(value, np.ndarray):
-    return value.tolist()
+    return jsonable(value.tolist())
   if isinstance(value, (np.integer, np.floating, np.bool_)):
-    return value.item()
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
   return value
 
 
@@ -57,24 +87,30 @@ def write_json(path: str, payload: dict, drop: tuple[str, ...] = ()) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(jsonable(payload, drop), f, indent=1)
+    json.dump(jsonable(payload, drop), f, indent=1, allow_nan=False)
   os.replace(tmp, path)
 
 
 def write_csv(path: str, runs: list[dict]) -> None:
-  """One row per (run label, config, epoch) with every scalar metric."""
-  rows = []
+  """One row per (run label, config, epoch): its hyperparameters, metrics.
+
+  Every swept hyperparameter has a column; a non-finite metric is written
+  as an empty cell.
+  """
+  rows, names = [], swept_names(runs)
   for run in runs:
     for record in run["history"]:
       for i, cfg in enumerate(run["configs"]):
-        row = {"run": run["label"], "seed": cfg["seed"], "lr": cfg["lr"],
-               "grid_scale": cfg.get("grid_scale", 1.0),
+        row = {"run": run["label"], "seed": cfg["seed"],
+               **{k: cfg.get(k, "") for k in names},
                "epoch": record["epoch"]}
-        for key in ("train_loss", "train_error", "test_loss", "test_error"):
-          row[key] = record[key][i]
+        for key in ("train_loss", "train_error", "test_loss", "test_error",
+                    "skipped_steps"):
+          row[key] = record.get(key, [""] * len(run["configs"]))[i]
         flips = [v[i] for v in record["sign_flips"].values()]
         row["mean_sign_flip"] = float(np.mean(flips)) if flips else 0.0
-        rows.append(row)
+        rows.append({k: "" if isinstance(v, float) and not math.isfinite(v)
+                     or v is None else v for k, v in row.items()})
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -82,39 +118,103 @@ def write_csv(path: str, runs: list[dict]) -> None:
     writer.writerows(rows)
 
 
+def swept_names(runs: list[dict]) -> list[str]:
+  """The hyperparameters other than the seed that the runs' configs carry."""
+  names = []
+  for run in runs:
+    for cfg in run["configs"]:
+      names += [k for k in cfg if k != "seed" and k not in names]
+  return names
+
+
+def groups(run: dict, names: list[str]) -> list[tuple[dict, list[int]]]:
+  """``run``'s configs grouped by every swept hyperparameter but the seed.
+
+  Returns ``[(hyperparameters, config indices)]`` in first-seen order; a
+  table or plot reduces over the indices of one group (the seeds) only.
+  """
+  out: dict[tuple, tuple[dict, list[int]]] = {}
+  for i, cfg in enumerate(run["configs"]):
+    hp = {k: cfg.get(k) for k in names}
+    out.setdefault(tuple(hp.values()), (hp, []))[1].append(i)
+  return list(out.values())
+
+
+def group_label(run: dict, hp: dict) -> str:
+  """``"SR-ADAM lr=0.01 grid_scale=2"``, or just the run's label."""
+  parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+           for k, v in hp.items() if v is not None]
+  return " ".join([run["label"]] + parts)
+
+
+def _varying(runs: list[dict]) -> list[str]:
+  """Swept names that take more than one value (others go in the title)."""
+  names = swept_names(runs)
+  return [k for k in names
+          if len({c.get(k) for r in runs for c in r["configs"]}) > 1]
+
+
 def plot_curves(path: str, runs: list[dict]) -> None:
-  """Test error and train loss per epoch, mean over configs, one line a run."""
+  """Test error, train loss and sign changes per epoch, one line a group.
+
+  A group is a run's configs with equal hyperparameters (all but the seed):
+  lines show the mean over seeds, bands the std over seeds.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  names = _varying(runs)
   for run in runs:
     epochs = [r["epoch"] for r in run["history"]]
-    for ax, key in zip(axes[:2], ("test_error", "train_loss")):
-      values = np.array([r[key] for r in run["history"]])
-      mean, std = values.mean(1), values.std(1)
-      ax.plot(epochs, mean, marker="o", label=run["label"])
-      ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-    flips = [np.mean([np.mean(v) for v in r["sign_flips"].values()])
-             if r["sign_flips"] else 0.0 for r in run["history"]]
-    axes[2].plot(epochs, 100 * np.asarray(flips), marker="o",
-                 label=run["label"])
+    for hp, idx in groups(run, names):
+      label = group_label(run, hp)
+      for ax, key in zip(axes[:2], ("test_error", "train_loss")):
+        values = np.array([[_num(r[key][i]) for i in idx]
+                           for r in run["history"]])
+        mean, std = values.mean(1), values.std(1)
+        line, = ax.plot(epochs, mean, marker="o", label=label)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2,
+                        color=line.get_color())
+      flips = [np.mean([np.mean([v[i] for i in idx])
+                        for v in r["sign_flips"].values()])
+               if r["sign_flips"] else 0.0 for r in run["history"]]
+      axes[2].plot(epochs, 100 * np.asarray(flips), marker="o", label=label)
   for ax, title in zip(axes, ("test error", "train loss",
                               "% weights with sign changed since init")):
     ax.set_title(title)
     ax.set_xlabel("epoch")
-  axes[0].legend()
+  axes[0].legend(fontsize="small")
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
+def _num(v) -> float:
+  return float("nan") if v is None else float(v)
+
+
 def error_table(runs: list[dict]) -> str:
-  """Markdown table of final test error (%), mean ± std over configs."""
-  lines = ["| method | test error (%) | configs |", "|---|---|---|"]
+  """Markdown table of final test error (%), mean ± std over seeds only.
+
+  One row per method and value of every swept hyperparameter (learning
+  rate, grid scale, ...): configs that differ in anything but the seed are
+  never averaged together.
+  """
+  names = swept_names(runs)
+  lines = ["| " + " | ".join(["method"] + names + ["test error (%)",
+                                                   "seeds"]) + " |",
+           "|" + "---|" * (len(names) + 3)]
   for run in runs:
-    s = summarize(np.asarray(run["history"][-1]["test_error"]) * 100)
-    lines.append(f"| {run['label']} | {s['mean']:.2f} ± {s['std']:.2f} | "
-                 f"{s['n']} |")
+    final = run["history"][-1]["test_error"]
+    for hp, idx in groups(run, names):
+      s = summarize([_num(final[i]) * 100 for i in idx])
+      cells = ([run["label"]] + [_cell(hp[k]) for k in names]
+               + [f"{s['mean']:.2f} ± {s['std']:.2f}", str(s["n"])])
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def _cell(v) -> str:
+  return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)

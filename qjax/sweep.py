@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import os
+import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -133,6 +135,15 @@ class SweepSpec:
   lrs: tuple[float, ...] = (1e-2,)
   grid_scales: tuple[float, ...] | None = None
 
+  def __post_init__(self):
+    _check_values("seeds", self.seeds, _is_seed, "distinct ints in "
+                  "[0, 2**32)")
+    _check_values("lrs", self.lrs, _is_positive_float32,
+                  "distinct positive numbers, finite in float32")
+    if self.grid_scales is not None:
+      _check_values("grid_scales", self.grid_scales, _is_positive_float32,
+                    "distinct positive numbers, finite in float32")
+
   def configs(self) -> list[dict]:
     scales = self.grid_scales or (None,)
     out = []
@@ -140,6 +151,31 @@ class SweepSpec:
       out.append({"seed": int(s), "lr": float(lr)} if g is None else
                  {"seed": int(s), "lr": float(lr), "grid_scale": float(g)})
     return out
+
+
+def _is_seed(v) -> bool:
+  return (isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+          and 0 <= v < 2**32)
+
+
+def _is_positive_float32(v) -> bool:
+  if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+    return False
+  with np.errstate(over="ignore"):
+    return bool(np.isfinite(np.float32(v)) and np.float32(v) > 0)
+
+
+def _check_values(name: str, values, ok: Callable, allowed: str) -> None:
+  """Raises unless ``values`` is a non-empty sequence of ``allowed`` values."""
+  if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+    raise ValueError(f"SweepSpec.{name} must be a sequence of {allowed}; got "
+                     f"{name}={values!r}.")
+  bad = [v for v in values if not ok(v)]
+  if not values or bad or len(set(values)) != len(values):
+    why = (f"invalid {bad}" if bad else "empty" if not values
+           else "repeated values")
+    raise ValueError(f"SweepSpec.{name} must be a non-empty sequence of "
+                     f"{allowed}; got {name}={tuple(values)!r} ({why}).")
 
 
 def _over_configs(fn: Callable, how: str, in_axes: tuple) -> Callable:
@@ -410,13 +446,98 @@ def _pad_configs(configs: list[dict], multiple: int) -> list[dict]:
   return configs + [configs[-1]] * extra
 
 
+def fingerprint(model, dataset, config: train_lib.TrainConfig,
+                configs: list[dict], strategy: Strategy) -> dict:
+  """Everything that determines a chunk's run, as JSON-able values.
+
+  A checkpoint records it; resuming with another fingerprint is refused
+  (:class:`qjax.checkpoint.FingerprintMismatchError`), so a changed flag, seed,
+  dataset or model never continues another run's training.
+  """
+  import jax as _jax
+  import jaxlib
+  import qjax
+  train_config = dataclasses.asdict(config)
+  # Not the epoch count: a run may be extended (checkpoint.check_epochs).
+  del train_config["epochs"]
+  return {
+      "train_config": train_config,
+      "configs": [dict(c) for c in configs],
+      "strategy": dataclasses.asdict(strategy),
+      "dataset": describe_dataset(dataset),
+      "model": model_definition(model),
+      "versions": {"qjax": qjax.__version__, "jax": _jax.__version__,
+                   "jaxlib": jaxlib.__version__},
+  }
+
+
+def model_definition(model) -> str:
+  """``repr(model)`` without memory addresses (stable across processes)."""
+  return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(model))
+
+
+class _Hashable:
+  """An array keyed by identity, so its content hash is computed once."""
+
+  def __init__(self, array):
+    self.array = array
+
+  def __hash__(self):
+    return id(self.array)
+
+  def __eq__(self, other):
+    return self.array is other.array
+
+
+def describe_dataset(dataset) -> dict:
+  """Name, sizes and (in memory) a content hash of ``dataset``."""
+  if is_streaming(dataset):
+    return {"name": dataset.name, "train": int(dataset.num_train),
+            "streamed": True}
+  arrays = (dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y)
+  content = _hash_arrays(tuple(_Hashable(a) for a in arrays))
+  return {"name": dataset.name, "train": int(dataset.train_x.shape[0]),
+          "test": int(dataset.test_x.shape[0]),
+          "input_shape": list(dataset.train_x.shape[1:]),
+          "num_classes": int(dataset.num_classes), "content": content}
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_arrays(arrays: tuple) -> str:
+  digest = hashlib.blake2b(digest_size=16)
+  for wrapped in arrays:
+    a = np.ascontiguousarray(np.asarray(wrapped.array))
+    digest.update(f"{a.dtype}{a.shape}".encode())
+    digest.update(memoryview(a).cast("B"))
+  return digest.hexdigest()
+
+
 def run_chunk(model, dataset, config: train_lib.TrainConfig,
               configs: list[dict], strategy: Strategy, *,
-              checkpoint_dir: str | None = None, progress: bool = True,
+              checkpoint_dir: str | None = None, fresh: bool = False,
+              progress: bool = True,
               on_epoch: Callable | None = None) -> dict:
-  """Trains ``configs`` (one chunk) together; returns per-epoch metrics."""
+  """Trains ``configs`` (one chunk) together; returns per-epoch metrics.
+
+  With ``checkpoint_dir`` every epoch is checkpointed there (the last two
+  kept, each verified on restore) and a rerun resumes from the newest valid
+  one, provided it was written by the same run (same :func:`fingerprint`);
+  ``fresh`` discards existing checkpoints instead.
+
+  Raises:
+    qjax.train.NonFiniteError: a config's last ``config.max_nonfinite_streak``
+      steps were all skipped for non-finite values.
+    qjax.checkpoint.CheckpointError: the checkpoints belong to another run or
+      none of them verifies.
+  """
   from qjax import checkpoint as ckpt_lib  # orbax is imported lazily
 
+  checkpoints = None
+  if checkpoint_dir:
+    checkpoints = ckpt_lib.RunCheckpoints(
+        checkpoint_dir, fingerprint(model, dataset, config, configs, strategy),
+        fresh=fresh)
+    ckpt_lib.check_epochs(checkpoint_dir, config.epochs)
   num_real = len(configs)
   sharding = _config_sharding(num_real)
   if sharding is not None:
@@ -438,46 +559,73 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
   programs = _programs(model, config, strategy)
   states = programs.init(keys, sample_x, hps)
   history, start_epoch = [], 0
-  if checkpoint_dir:
-    restored = ckpt_lib.restore(checkpoint_dir, states)
+  if checkpoints is not None:
+    restored = checkpoints.restore(states)
     if restored is not None:
       states, history, start_epoch = restored
-      if sharding is not None:
-        states = jax.device_put(states, sharding)
+  # Initial and restored states carry the sharding every epoch returns, so
+  # the epoch program compiles once (replicated inputs compiled it twice).
+  states = (jax.device_put(states, sharding) if sharding is not None
+            else jax.device_put(states))
 
   bar = _progress(range(start_epoch, config.epochs), progress,
                   desc=f"{config.method}-{config.optimizer} x{num_real}",
                   initial=start_epoch, total=config.epochs)
-  for epoch in bar:
-    t0 = time.perf_counter()
-    if streaming:
-      states, train_metrics = programs.run_stream_epoch(
-          states, dataset.train_batches(epoch, config.batch_size), hps)
-      evals = programs.stream_eval(states, dataset.test_batches(1000), hps)
-    else:
-      epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(
-          states.key)
-      idx = _shuffles(epoch_keys, x_train.shape[0], config.batch_size)
-      states, train_metrics = programs.run_epoch(states, x_train, y_train,
-                                                 idx, hps)
-      evals = programs.eval(states, x_test, y_test, hps)
-    record = _epoch_record(epoch, train_metrics, evals, num_real,
-                           time.perf_counter() - t0)
-    history.append(record)
-    if hasattr(bar, "set_postfix"):
-      bar.set_postfix(loss=f"{np.mean(record['train_loss']):.3f}",
-                      test_err=f"{np.mean(record['test_error']):.4f}")
-    if checkpoint_dir:
-      ckpt_lib.save(checkpoint_dir, states, history, epoch + 1)
-    if on_epoch is not None:
-      on_epoch(record)
+  try:
+    for epoch in bar:
+      t0 = time.perf_counter()
+      if streaming:
+        states, train_metrics = programs.run_stream_epoch(
+            states, dataset.train_batches(epoch, config.batch_size), hps)
+        evals = programs.stream_eval(states, dataset.test_batches(1000), hps)
+      else:
+        epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(
+            states.key)
+        idx = _shuffles(epoch_keys, x_train.shape[0], config.batch_size)
+        states, train_metrics = programs.run_epoch(states, x_train, y_train,
+                                                   idx, hps)
+        evals = programs.eval(states, x_test, y_test, hps)
+      # JAX dispatches asynchronously: time the epoch once its results exist.
+      jax.block_until_ready((states, train_metrics, evals))
+      record = _epoch_record(epoch, train_metrics, evals, states, num_real,
+                             time.perf_counter() - t0)
+      _check_finite(states, configs[:num_real], config, epoch)
+      history.append(record)
+      if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{np.nanmean(record['train_loss']):.3f}",
+                        test_err=f"{np.nanmean(record['test_error']):.4f}")
+      if checkpoints is not None:
+        checkpoints.save(states, history, epoch + 1)
+      if on_epoch is not None:
+        on_epoch(record)
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
   shards = len({s.device for s in jax.tree.leaves(states)[0]
                  .addressable_shards})
   final = jax.tree.map(lambda v: np.asarray(v)[:num_real], states)
   return {"history": history, "final_state": final, "devices": shards}
 
 
-def _epoch_record(epoch, train_metrics, evals, num_real, seconds) -> dict:
+def _check_finite(states, configs: list[dict], config, epoch: int) -> None:
+  """Stops the sweep when a config keeps producing non-finite values."""
+  streak = np.asarray(states.streak)[:len(configs)]
+  bad = np.flatnonzero(streak >= config.max_nonfinite_streak)
+  if not bad.size:
+    return
+  i = int(bad[0])
+  step = int(np.asarray(states.step)[i])
+  first = int(np.asarray(states.first_skipped)[i])
+  raise train_lib.NonFiniteError(
+      f"config {configs[i]} (and {bad.size - 1} more) produced non-finite "
+      f"loss, gradients or updates in its last {int(streak[i])} steps (up to "
+      f"step {step}, epoch {epoch + 1}; first skipped step {first}); those "
+      "steps were skipped and the run stops. Lower the learning rate, or "
+      "check the data and the model for NaN/inf.")
+
+
+def _epoch_record(epoch, train_metrics, evals, states, num_real,
+                  seconds) -> dict:
   as_list = lambda v: np.asarray(v, np.float64)[:num_real].tolist()
   return {
       "epoch": epoch + 1,
@@ -486,6 +634,7 @@ def _epoch_record(epoch, train_metrics, evals, num_real, seconds) -> dict:
       "test_loss": as_list(evals["test_loss"]),
       "test_error": as_list(evals["test_error"]),
       "sign_flips": {k: as_list(v) for k, v in evals["sign_flips"].items()},
+      "skipped_steps": np.asarray(states.skipped)[:num_real].tolist(),
       "seconds": seconds,
   }
 
@@ -505,10 +654,55 @@ def is_streaming(dataset) -> bool:
   return hasattr(dataset, "train_batches")
 
 
+def _plan(dataset, config: train_lib.TrainConfig, spec: SweepSpec,
+          model_name: str, strategy: Strategy | None,
+          max_configs_per_chunk: int | None):
+  """The completed config, strategy and config chunks of a sweep."""
+  n = dataset.num_train if is_streaming(dataset) else dataset.train_x.shape[0]
+  if config.batch_size > n:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the "
+                     f"{n} training examples of {dataset.name!r}.")
+  if max_configs_per_chunk is not None and (
+      not isinstance(max_configs_per_chunk, (int, np.integer))
+      or max_configs_per_chunk < 1):
+    raise ValueError("max_configs_per_chunk must be an int >= 1 or None; got "
+                     f"{max_configs_per_chunk!r}.")
+  config = dataclasses.replace(config, steps_per_epoch=n // config.batch_size)
+  strategy = strategy or choose_strategy(model_name)
+  configs = spec.configs()
+  size = max_configs_per_chunk or len(configs)
+  chunks = [configs[i:i + size] for i in range(0, len(configs), size)]
+  return config, strategy, configs, chunks
+
+
+def _chunk_dir(checkpoint_dir: str | None, i: int) -> str | None:
+  return os.path.join(checkpoint_dir, f"chunk{i}") if checkpoint_dir else None
+
+
+def check_resumable(model, dataset, config: train_lib.TrainConfig,
+                    spec: SweepSpec, checkpoint_dir: str, *,
+                    model_name: str = "", strategy: Strategy | None = None,
+                    max_configs_per_chunk: int | None = None) -> None:
+  """Raises before any training if ``checkpoint_dir`` holds another run's.
+
+  The same checks :func:`sweep` makes chunk by chunk, done up front, so that
+  a command training several methods refuses before its first step.
+  """
+  from qjax import checkpoint as ckpt_lib
+  config, strategy, _, chunks = _plan(dataset, config, spec, model_name,
+                                      strategy, max_configs_per_chunk)
+  for i, chunk in enumerate(chunks):
+    directory = _chunk_dir(checkpoint_dir, i)
+    ckpt_lib.check_fingerprint(
+        directory, fingerprint(model, dataset, config, chunk, strategy))
+    ckpt_lib.check_epochs(directory, config.epochs)
+
+
 def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
           model_name: str = "", strategy: Strategy | None = None,
           max_configs_per_chunk: int | None = None,
-          checkpoint_dir: str | None = None, progress: bool = True) -> dict:
+          checkpoint_dir: str | None = None, fresh: bool = False,
+          progress: bool = True) -> dict:
   """Trains every (seed, lr) of ``spec`` for one method in one program.
 
   Args:
@@ -522,28 +716,22 @@ def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
     strategy: override the engine's choice.
     max_configs_per_chunk: split the product into chunks of this size (to
       fit memory); chunks reuse the same compiled program when equal-sized.
-    checkpoint_dir: checkpoint every epoch there and resume from it.
+    checkpoint_dir: checkpoint every epoch there and resume from it (only a
+      checkpoint of this very run: see :func:`fingerprint`).
+    fresh: discard existing checkpoints in ``checkpoint_dir`` first.
     progress: show a progress bar per epoch.
 
   Returns:
     ``{"configs": [...], "history": [epoch records with [config] lists],
     "strategy": {...}, "final_state": stacked TrainState}``.
   """
-  n = dataset.num_train if is_streaming(dataset) else dataset.train_x.shape[0]
-  if config.batch_size > n:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the "
-                     f"{n} training examples of {dataset.name!r}.")
-  config = dataclasses.replace(config, steps_per_epoch=n // config.batch_size)
-  strategy = strategy or choose_strategy(model_name)
-  configs = spec.configs()
-  size = max_configs_per_chunk or len(configs)
-  chunks = [configs[i:i + size] for i in range(0, len(configs), size)]
+  config, strategy, configs, chunks = _plan(
+      dataset, config, spec, model_name, strategy, max_configs_per_chunk)
   results = []
   for i, chunk in enumerate(chunks):
-    sub = (os.path.join(checkpoint_dir, f"chunk{i}") if checkpoint_dir
-           else None)
     results.append(run_chunk(model, dataset, config, chunk, strategy,
-                             checkpoint_dir=sub, progress=progress))
+                             checkpoint_dir=_chunk_dir(checkpoint_dir, i),
+                             fresh=fresh, progress=progress))
   return {
       "configs": configs,
       "strategy": dataclasses.asdict(strategy),
@@ -560,7 +748,8 @@ def _merge_histories(histories: Sequence[list]) -> list:
   for records in zip(*histories):
     out = {"epoch": records[0]["epoch"],
            "seconds": sum(r["seconds"] for r in records)}
-    for key in ("train_loss", "train_error", "test_loss", "test_error"):
+    for key in ("train_loss", "train_error", "test_loss", "test_error",
+                "skipped_steps"):
       out[key] = sum((r[key] for r in records), [])
     out["sign_flips"] = {k: sum((r["sign_flips"][k] for r in records), [])
                          for k in records[0]["sign_flips"]}

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -44,6 +45,9 @@ class TrainConfig:
     augment: CIFAR-style augmentation (4-pixel pad, random crop, flip) of
       every training batch, with keys ``fold_in(run_key, step)``.
     steps_per_epoch: set by the engine from the dataset size.
+    max_nonfinite_streak: a config whose last this many steps were all
+      skipped for non-finite values stops the sweep with
+      :class:`NonFiniteError` (checked after each epoch).
   """
   method: str = "bc"
   optimizer: str = "adam"
@@ -53,6 +57,7 @@ class TrainConfig:
   lr_decay_epochs: tuple[int, ...] = ()
   augment: bool = False
   steps_per_epoch: int = 1
+  max_nonfinite_streak: int = 20
 
   def __post_init__(self):
     if self.method not in methods_lib.METHODS:
@@ -61,10 +66,26 @@ class TrainConfig:
     if self.mask not in MASKS:
       raise ValueError(f"mask must be one of {tuple(MASKS)}; got "
                        f"{self.mask!r}.")
-    for name in ("batch_size", "epochs", "steps_per_epoch"):
+    for name in ("batch_size", "epochs", "steps_per_epoch",
+                 "max_nonfinite_streak"):
       value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
+      if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {name}={value!r}.")
+    bad = [e for e in self.lr_decay_epochs
+           if not _is_int(e) or not 1 <= e < self.epochs]
+    if bad:
+      raise ValueError(
+          f"lr_decay_epochs must be epochs between 1 and epochs - 1 = "
+          f"{self.epochs - 1} (a decay at or after the last epoch changes "
+          f"nothing); got {bad} in lr_decay_epochs={self.lr_decay_epochs}.")
+
+
+class NonFiniteError(RuntimeError):
+  """Training kept producing non-finite losses, gradients or updates."""
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def learning_rate_schedule(config: TrainConfig, base_lr) -> optax.Schedule:
@@ -92,21 +113,50 @@ def build_method(config: TrainConfig, hparams: dict,
   """
   schedule = learning_rate_schedule(config, hparams["lr"])
   key = jax.random.PRNGKey(0) if key is None else key
-  grid = (quantizers.glorot_binary_grid if "grid_scale" not in hparams
-          else scaled_glorot_grid(hparams["grid_scale"]))
   return methods_lib.make(config.method, schedule,
                           optimizer=config.optimizer, mask=MASKS[config.mask],
-                          key=key, grid=grid)
+                          key=key, grid=_grid(hparams))
+
+
+def _grid(hparams: dict) -> Callable:
+  return (quantizers.glorot_binary_grid if "grid_scale" not in hparams
+          else scaled_glorot_grid(hparams["grid_scale"]))
+
+
+def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:
+  """``{layer: {"lo", "hi", "step"}}``: each quantized layer's grid.
+
+  For results: the grid every quantized layer was trained on, with the
+  concrete (one config's) ``hparams``. Empty for the float method.
+  """
+  if config.method == "fp":
+    return {}
+  mask = quantizers.resolve_mask(MASKS[config.mask], params)
+  grids = quantizers.resolve_grids(_grid(hparams), params, mask)
+  flat = jax.tree_util.tree_flatten_with_path(
+      grids, is_leaf=lambda g: g is None or isinstance(g, Grid))[0]
+  number = lambda v: None if v is None else float(np.asarray(v))
+  return {diagnostics.layer_name(quantizers.path_names(path)):
+          {"lo": number(g.lo), "hi": number(g.hi), "step": number(g.step)}
+          for path, g in flat if g is not None}
 
 
 class TrainState(struct.PyTreeNode):
-  """Everything that changes during training; a pytree, so it vmaps."""
+  """Everything that changes during training; a pytree, so it vmaps.
+
+  ``skipped`` counts the steps skipped for non-finite values, ``streak`` the
+  consecutive ones up to now, ``first_skipped`` the first such step (-1:
+  none); see :func:`train_step`.
+  """
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
   opt_state: PyTree
   init_params: PyTree  # for the sign-change diagnostic
   key: jax.Array       # raw uint32 key, checkpoint friendly
+  skipped: jax.Array
+  streak: jax.Array
+  first_skipped: jax.Array
 
 
 def init_state(model: nn.Module, config: TrainConfig, key: jax.Array,
@@ -127,7 +177,9 @@ def init_state(model: nn.Module, config: TrainConfig, key: jax.Array,
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}),
-      opt_state=method.tx.init(params), init_params=params, key=run_key)
+      opt_state=method.tx.init(params), init_params=params, key=run_key,
+      skipped=jnp.zeros((), jnp.int32), streak=jnp.zeros((), jnp.int32),
+      first_skipped=jnp.full((), -1, jnp.int32))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -153,8 +205,17 @@ def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
   Computes the loss at ``method.view(params)`` (the STE view for BC), then
   ``updates = method.tx.update(grads, opt_state, params)``.
 
+  Non-finite values: a step whose loss, gradients, new parameters or new
+  BatchNorm statistics are not all finite is skipped: parameters, optimizer
+  state and statistics stay as they were (so stored grid weights are never
+  NaN and never off the grid, and Adam's moments never absorb a NaN), the
+  step counter advances, and ``skipped``/``streak`` count it. The engine
+  stops a run whose streak reaches ``config.max_nonfinite_streak``.
+
   Returns:
-    The new state and ``{"loss": scalar, "error": scalar}`` on the batch.
+    The new state and ``{"loss", "error", "skipped"}`` on the batch
+    (``skipped`` is 1.0 for a skipped step; loss and error are reported as
+    computed, NaN included).
   """
   x, y = batch
   if config.augment:
@@ -171,9 +232,34 @@ def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
       loss_fn, has_aux=True)(state.params)
   updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=new_stats, opt_state=opt_state)
-  return new_state, {"loss": loss, "error": error}
+  finite = _all_finite((loss, grads, params, new_stats))
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: _select(finite, n, o), new, old)
+  streak = jnp.where(finite, 0, state.streak + 1)
+  first = jnp.where((state.first_skipped < 0) & ~finite, state.step,
+                    state.first_skipped)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(new_stats, state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      skipped=state.skipped + (~finite).astype(jnp.int32), streak=streak,
+      first_skipped=first)
+  return new_state, {"loss": loss, "error": error,
+                     "skipped": (~finite).astype(jnp.float32)}
+
+
+def _select(pred, new, old):
+  """``new`` where ``pred`` else ``old``; PRNG keys always advance."""
+  if jax.dtypes.issubdtype(jnp.result_type(new), jax.dtypes.prng_key):
+    return new
+  return jnp.where(pred, new, old)
+
+
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point entry of ``tree`` is finite."""
+  checks = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(v), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def evaluate(model: nn.Module, config: TrainConfig, state: TrainState,

@@ -8,6 +8,9 @@ Each is the *last* link of an optax chain and needs ``params``:
 * :func:`latent_clipping` (BC, Eq. 5): ``w_r <- clip(w_r + u)`` on the float
   latent weights; the forward pass sees ``Q(w_r)`` (see :mod:`qjax.methods`).
 
+:func:`skip_nonfinite` wraps a whole chain so that a step with a NaN or inf
+changes nothing (every method of :mod:`qjax.methods` is wrapped in it).
+
 Every rounding is explicit here: the emitted update ``δ`` is chosen so that
 ``optax.apply_updates`` (which computes ``p + δ`` in the parameter's dtype)
 lands *exactly* on the rounded value. ``p + (q - p)`` need not equal ``q`` in
@@ -90,20 +93,10 @@ class StochasticRoundingState(NamedTuple):
   key: jax.Array
 
 
-def _as_key(key, name: str) -> jax.Array:
-  if key is None:
-    raise ValueError(
-        f"{name} draws random numbers and needs a key; got key=None. Pass "
-        "key=0 (an int seed) or key=jax.random.key(0).")
-  if isinstance(key, int):
-    return jax.random.key(key)
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-          or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))):
-    raise TypeError(
-        f"{name}: key must be an int seed or a jax.random key; got an array "
-        f"of dtype {key.dtype} and shape {key.shape}.")
-  return key
+_VMAP_TRANSFORM = (
+    "build one transformation per key inside jax.vmap, e.g. "
+    "jax.vmap(lambda k, p: qjax.stochastic_rounding(grid, k).init(p))"
+    "(keys, params)")
 
 
 def stochastic_rounding(grid, key, mask=None
@@ -112,10 +105,13 @@ def stochastic_rounding(grid, key, mask=None
 
   Args:
     grid: a :class:`~qjax.Grid` or ``(path, leaf) -> Grid``.
-    key: int seed or ``jax.random`` key; kept in the state and split on every
-      update, so two runs from the same key are bit-identical.
-    mask: which leaves to round (see :func:`qjax.resolve_mask`); others get
-      the incoming update unchanged.
+    key: int seed (Python or numpy) or one ``jax.random`` key (typed, or raw
+      ``uint32[2]``); kept in the state and split on every update, so two
+      runs from the same key are bit-identical. A batch of keys is an error
+      here: vmap over the keys instead.
+    mask: which leaves to round (see :func:`qjax.resolve_mask`; default: the
+      kernels); others get the incoming update unchanged. A mask that
+      selects nothing is an error.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -126,7 +122,7 @@ def stochastic_rounding(grid, key, mask=None
     ...                  qjax.stochastic_rounding(qjax.Grid.binary(), key=0))
   """
   _check_grid(grid, "stochastic_rounding")
-  key = _as_key(key, "stochastic_rounding")
+  key = quantizers.as_key(key, "stochastic_rounding", _VMAP_TRANSFORM)
 
   def init_fn(params):
     del params
@@ -148,6 +144,12 @@ def nearest_rounding(grid, mask=None) -> optax.GradientTransformationExtraArgs:
 
   R never moves a weight whose ``|u| < Δ/2``: with a small learning rate it
   stalls (Li et al. 2017, Sec. 3).
+
+  Args:
+    grid: a :class:`~qjax.Grid` or ``(path, leaf) -> Grid``.
+    mask: which leaves to round (see :func:`qjax.resolve_mask`; default: the
+      kernels); others get the incoming update unchanged. A mask that
+      selects nothing is an error.
   """
   _check_grid(grid, "nearest_rounding")
 
@@ -175,7 +177,9 @@ def latent_clipping(grid, mask=None, scale_by_grid: bool = False
 
   Args:
     grid: a bounded Grid or ``(path, leaf) -> Grid``.
-    mask: which leaves are latent weights; others pass through unchanged.
+    mask: which leaves are latent weights (see :func:`qjax.resolve_mask`;
+      default: the kernels); others pass through unchanged. A mask that
+      selects nothing is an error.
     scale_by_grid: scale each masked leaf's update by ``1 / grid.hi``.
   """
   _check_grid(grid, "latent_clipping")
@@ -213,5 +217,96 @@ def latent_clipping(grid, mask=None, scale_by_grid: bool = False
         leaves, treedef.flatten_up_to(updates),
         treedef.flatten_up_to(mask_tree), treedef.flatten_up_to(grids))]
     return jax.tree_util.tree_unflatten(treedef, out), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class SkipNonFiniteState(NamedTuple):
+  """State of :func:`skip_nonfinite`.
+
+  Attributes:
+    inner_state: the wrapped transformation's state (unchanged by a skip).
+    skipped: int32, how many steps were skipped in total.
+    streak: int32, how many consecutive steps were skipped up to now (0 after
+      a finite step); a growing streak means training has stopped.
+  """
+  inner_state: Any
+  skipped: jax.Array
+  streak: jax.Array
+
+
+def _all_finite(tree) -> jax.Array:
+  """One bool: every floating-point entry of ``tree`` is finite."""
+  ok = jnp.ones((), jnp.bool_)
+  for leaf in jax.tree.leaves(tree):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      ok = ok & jnp.all(jnp.isfinite(leaf))
+  return ok
+
+
+def _stays_finite(old, new) -> jax.Array:
+  """One bool: no float state entry went from finite to non-finite."""
+  ok = jnp.ones((), jnp.bool_)
+  for o, n in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    if jnp.issubdtype(jnp.result_type(n), jnp.inexact):
+      ok = ok & jnp.all(jnp.isfinite(n) | ~jnp.isfinite(o))
+  return ok
+
+
+def _no_update(u: jax.Array) -> jax.Array:
+  """Zeros that leave every parameter bit for bit as it is.
+
+  ``p + (-0.0) == p`` exactly for every ``p``, including ``p = -0.0``
+  (``-0.0 + 0.0`` would give ``+0.0``), so grid weights stay grid weights.
+  """
+  if jnp.issubdtype(u.dtype, jnp.inexact):
+    return jnp.full_like(u, -0.0)
+  return jnp.zeros_like(u)
+
+
+def skip_nonfinite(inner: optax.GradientTransformation
+                   ) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so that a step with a NaN or inf is skipped entirely.
+
+  Policy: a step is skipped when any incoming gradient entry, any entry of
+  ``inner``'s output updates, or any entry of its new state that was finite
+  before is NaN or ±inf. A skipped step emits zero updates (``-0.0``, so
+  ``optax.apply_updates`` leaves every parameter bit for bit unchanged, and
+  grid weights stay on the grid) and keeps ``inner``'s state exactly as it
+  was (Adam's moments never absorb a NaN; SR's key is not advanced), with
+  ``skipped`` and ``streak`` incremented. A finite step behaves exactly like
+  ``inner`` and resets ``streak`` to 0.
+
+  Unlike ``optax.apply_if_finite``, non-finite updates are never let
+  through, however many steps in a row are skipped: watch ``streak`` (or
+  ``skipped``) to notice a run that no longer trains. Works under ``jit``
+  and ``vmap`` (each lane skips on its own), with ``jnp.where`` on the trees.
+
+  Args:
+    inner: any optax transformation (extra args such as ``params`` are passed
+      through).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`SkipNonFiniteState`.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    zero = jnp.zeros((), jnp.int32)
+    return SkipNonFiniteState(inner.init(params), zero, zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                          **extra_args)
+    ok = (_all_finite(updates) & _all_finite(new_updates)
+          & _stays_finite(state.inner_state, new_inner))
+    new_updates = jax.tree.map(lambda u: jnp.where(ok, u, _no_update(u)),
+                               new_updates)
+    new_inner = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner,
+                             state.inner_state)
+    skip = (~ok).astype(jnp.int32)
+    return new_updates, SkipNonFiniteState(
+        new_inner, state.skipped + skip, (state.streak + skip) * skip)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -226,7 +226,7 @@ def test_imagenet_config_streams_through_tfds_with_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   cfg = common.select(table1.config("paper"), ["imagenet2012/resnet18"])
   exp = dict(cfg["experiments"][0], model="mlp", model_kwargs={"features": [8]},
-             epochs=1, seeds=[0])
+             mask="all", epochs=1, lr_decay_epochs=[], seeds=[0])
   with tfds.testing.mock_data(num_examples=16,
                               policy=tfds.testing.MockPolicy.USE_CODE):
     ds = common.dataset_for(exp)

@@ -13,6 +13,10 @@ from hypothesis import given, settings, strategies as st
 import qjax
 from qjax import Grid
 
+# These toy trees name their leaves "w"/"b": round every float leaf (the
+# rules' default mask is the kernels).
+ALL = qjax.all_floats
+
 GRIDS = {
     "delta0.1": Grid.uniform(0.1, lo=-1.0, hi=1.0),
     "binary": Grid.binary(0.0625),
@@ -52,9 +56,9 @@ def _run(tx, params, key, steps, scale):
 
 
 _RULES = {
-    "sr": lambda grid, seed: qjax.stochastic_rounding(grid, seed),
-    "r": lambda grid, seed: qjax.nearest_rounding(grid),
-    "bc": lambda grid, seed: qjax.latent_clipping(grid),
+    "sr": lambda grid, seed: qjax.stochastic_rounding(grid, seed, ALL),
+    "r": lambda grid, seed: qjax.nearest_rounding(grid, ALL),
+    "bc": lambda grid, seed: qjax.latent_clipping(grid, ALL),
 }
 
 
@@ -91,7 +95,7 @@ def test_rounded_params_stay_on_grid_bit_for_bit(grid_name, rule, dtype,
 
 def test_unbounded_grid_stays_on_grid_for_steps_of_a_few_delta(key):
   grid = Grid.uniform(0.1)
-  tx = qjax.stochastic_rounding(grid, 0)
+  tx = qjax.stochastic_rounding(grid, 0, ALL)
   params = {"w": jnp.zeros((512,))}
   for params in _run(tx, params, key, 200, 0.3):
     assert bool(jnp.all(qjax.contains(params["w"], grid)))
@@ -115,7 +119,7 @@ def test_sr_equals_q_s_of_params_plus_update_with_the_state_key(rng):
   p = qjax.round_nearest(jnp.asarray(rng.uniform(-1, 1, 256), jnp.float32),
                          grid)
   u = jnp.asarray(rng.normal(scale=0.07, size=256), jnp.float32)
-  tx = qjax.stochastic_rounding(grid, jax.random.key(7))
+  tx = qjax.stochastic_rounding(grid, jax.random.key(7), ALL)
   state = tx.init({"w": p})
   delta, new_state = tx.update({"w": u}, state, {"w": p})
   _, draw = jax.random.split(jax.random.key(7))
@@ -129,8 +133,8 @@ def test_r_stalls_when_updates_are_below_half_a_step_while_sr_moves(key):
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
   params = {"w": jnp.zeros((256,)), "b": jnp.zeros((3,))}
   small = 0.049  # every |u| < Δ/2
-  r_state, r_tx = None, qjax.nearest_rounding(grid)
-  sr_tx = qjax.stochastic_rounding(grid, 1)
+  r_state, r_tx = None, qjax.nearest_rounding(grid, ALL)
+  sr_tx = qjax.stochastic_rounding(grid, 1, ALL)
   r_p, sr_p = params, params
   r_state, sr_state = r_tx.init(params), sr_tx.init(params)
   for t in range(100):
@@ -158,7 +162,7 @@ def test_mask_leaves_unmasked_updates_untouched(rng):
 
 def test_scale_by_grid_divides_update_by_h():
   grid = Grid.binary(0.25)
-  tx = qjax.latent_clipping(grid, scale_by_grid=True)
+  tx = qjax.latent_clipping(grid, ALL, scale_by_grid=True)
   p = {"w": jnp.zeros(3)}
   d, _ = tx.update({"w": jnp.array([0.01, -0.02, 1.0])}, tx.init(p), p)
   np.testing.assert_allclose(d["w"], [0.04, -0.08, 0.25], rtol=1e-6)
@@ -168,9 +172,9 @@ def test_scale_by_grid_divides_update_by_h():
 def test_jit_and_no_jit_agree_and_step_traces_once(rule, rng):
   chex.clear_trace_counter()
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
-  make = {"sr": lambda: qjax.stochastic_rounding(grid, 3),
-          "r": lambda: qjax.nearest_rounding(grid),
-          "bc": lambda: qjax.latent_clipping(grid)}[rule]
+  make = {"sr": lambda: qjax.stochastic_rounding(grid, 3, ALL),
+          "r": lambda: qjax.nearest_rounding(grid, ALL),
+          "bc": lambda: qjax.latent_clipping(grid, ALL)}[rule]
   tx = optax.chain(optax.adam(0.05), make())
   params = {"w": jnp.asarray(rng.uniform(-1, 1, 32), jnp.float32)}
   params = {"w": qjax.round_nearest(params["w"], grid)}
@@ -198,7 +202,7 @@ def test_changing_learning_rate_by_inject_hyperparams_does_not_recompile(rng):
   chex.clear_trace_counter()
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
   tx = optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
-                   qjax.stochastic_rounding(grid, 0))
+                   qjax.stochastic_rounding(grid, 0, ALL))
   params = {"w": jnp.zeros(16)}
   state = tx.init(params)
 
@@ -219,8 +223,8 @@ def test_changing_learning_rate_by_inject_hyperparams_does_not_recompile(rng):
 def test_same_key_same_result_different_key_differs():
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
   params = {"w": jnp.zeros(128)}
-  runs = [_run(qjax.stochastic_rounding(grid, s), params, jax.random.key(0),
-               10, 0.2)[-1]["w"] for s in (5, 5, 6)]
+  runs = [_run(qjax.stochastic_rounding(grid, s, ALL), params,
+               jax.random.key(0), 10, 0.2)[-1]["w"] for s in (5, 5, 6)]
   assert bool(jnp.all(runs[0] == runs[1]))
   assert not bool(jnp.all(runs[0] == runs[2]))
 

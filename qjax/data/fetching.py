@@ -18,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import zlib
 import urllib.request
 from typing import Callable
 
@@ -250,7 +251,8 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *,
     start = time.perf_counter()
     try:
       stored = _store(name, cache_dir, wanted, get(wanted))
-    except (OSError, ValueError, KeyError, tarfile.TarError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zlib.error,
+            tarfile.TarError) as e:  # EOFError, zlib.error: a junk .gz
       errors.append(f"{description}: {type(e).__name__}: {e}")
       _log(f"{description}: failed after {time.perf_counter() - start:.1f}s ({e})")
       continue

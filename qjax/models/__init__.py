@@ -40,6 +40,7 @@ __all__ = [
     'VGGBC',
     'WRN56_2',
     'debiased_batch_stats',
+    'NAMES',
     'get',
     'param_count',
 ]
@@ -53,6 +54,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     'wrn56_2': WRN56_2,
     'resnet18': ResNet18,
 }
+
+# The registered model names, for command-line choices.
+NAMES = tuple(_REGISTRY)
 
 
 def get(name: str, num_classes: int, **kwargs) -> nn.Module:

@@ -1,0 +1,165 @@
+"""The engine's guarantees: non-finite steps skipped and counted, a run that
+keeps producing them stopped, epochs timed after their results exist, one
+compilation of the epoch program on several devices, strict JSON."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax import data, models, results
+from qjax import train as train_lib
+from qjax.sweep import SweepSpec, sweep
+from qjax.train import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+  ds = data.load("digits")
+  return ds._replace(train_x=ds.train_x[:256], train_y=ds.train_y[:256])
+
+
+def _model():
+  return models.get("mlp", 10, features=(16,))
+
+
+def _state(method, optimizer, x):
+  config = TrainConfig(method=method, optimizer=optimizer, batch_size=8)
+  hp = {"lr": jnp.float32(0.01)}
+  state = train_lib.init_state(_model(), config, jax.random.PRNGKey(0), x, hp)
+  return config, hp, state
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("method", ["fp", "bc", "sr", "r"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nonfinite_step_is_skipped_by_every_method(method, optimizer, bad,
+                                                     small_digits):
+  """Before: a NaN gradient left NaN in SR, R and BC weights, off the grid,
+  for ever."""
+  x, y = small_digits.train_x[:8], small_digits.train_y[:8]
+  config, hp, state = _state(method, optimizer, x)
+  step = jax.jit(lambda s, b: train_lib.train_step(_model(), config, s, b,
+                                                   hp))
+  poisoned = x.copy()
+  poisoned[0, 0, 0, 0] = bad
+  after, metrics = step(state, (poisoned, y))
+  assert float(metrics["skipped"]) == 1.0
+  assert int(after.skipped) == 1 and int(after.streak) == 1
+  assert int(after.first_skipped) == 0 and int(after.step) == 1
+  for name in ("params", "batch_stats", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(after, name)),
+                    jax.tree.leaves(getattr(state, name))):
+      if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        assert np.array_equal(a, b), name  # bit for bit, NaN nowhere
+  good, metrics = step(after, (x, y))  # then it trains normally
+  assert float(metrics["skipped"]) == 0.0 and int(good.streak) == 0
+  assert int(good.skipped) == 1
+  leaves = jax.tree.leaves(good.params)
+  assert all(np.isfinite(np.asarray(v)).all() for v in leaves)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(leaves, jax.tree.leaves(state.params)))
+  if method in ("sr", "r"):  # still exactly the binary grid {-H, +H}
+    for path, w in jax.tree_util.tree_flatten_with_path(good.params)[0]:
+      if path[-1].key == "kernel":
+        h = np.sqrt(1.5 / sum(w.shape))
+        assert len(np.unique(np.asarray(w))) <= 2
+        np.testing.assert_allclose(np.abs(np.asarray(w)), h, rtol=1e-5)
+
+
+def test_a_run_that_keeps_failing_stops_naming_the_step(small_digits):
+  poisoned = small_digits._replace(
+      train_x=np.full_like(small_digits.train_x, np.nan))
+  config = TrainConfig(method="sr", batch_size=8, epochs=3,
+                       max_nonfinite_streak=5)
+  with pytest.raises(train_lib.NonFiniteError,
+                     match=r"last 32 steps \(up to step 32, epoch 1; first "
+                     r"skipped step 0\)"):
+    sweep(_model(), poisoned, config, SweepSpec(seeds=(0,), lrs=(0.01,)),
+          progress=False)
+
+
+def test_skipped_steps_are_in_the_history(small_digits):
+  x = small_digits.train_x.copy()
+  x[:3] = np.nan  # 3 poisoned examples: at most 3 batches of 32 skipped
+  config = TrainConfig(method="bc", batch_size=32, epochs=2)
+  out = sweep(_model(), small_digits._replace(train_x=x), config,
+              SweepSpec(seeds=(0, 1), lrs=(0.01,)), progress=False)
+  skipped = [e["skipped_steps"] for e in out["history"]]
+  assert all(1 <= s <= 6 for s in skipped[-1])  # cumulative, per config
+  assert skipped[0][0] <= skipped[1][0]
+  assert np.isfinite(out["history"][-1]["test_error"]).all()
+
+
+def test_epoch_seconds_cover_the_compute(small_digits):
+  """Before: timed before the epoch's results were ready (0.02 s epochs).
+
+  The second epoch (compiled already) is compared with the same epoch
+  program timed here after blocking on its result."""
+  big = small_digits._replace(
+      train_x=np.tile(small_digits.train_x, (8, 1, 1, 1)),
+      train_y=np.tile(small_digits.train_y, 8))
+  model = models.get("mlp", 10, features=(512, 512))
+  config = TrainConfig(method="sr", batch_size=64, epochs=2)
+  out = sweep(model, big, config, SweepSpec(seeds=(0, 1), lrs=(0.01,)),
+              progress=False)
+  recorded = out["history"][1]["seconds"]
+  from qjax import sweep as sweep_lib
+  programs = sweep_lib._programs(  # pylint: disable=protected-access
+      model, sweep_lib.dataclasses.replace(
+          config, steps_per_epoch=big.train_x.shape[0] // 64),
+      sweep_lib.choose_strategy("mlp"))
+  states = jax.tree.map(jnp.asarray, out["final_state"])
+  idx = jnp.zeros((2, big.train_x.shape[0] // 64, 64), jnp.int32)
+  hps = {"lr": jnp.full((2,), 0.01, jnp.float32)}
+  xs, ys = jnp.asarray(big.train_x), jnp.asarray(big.train_y)
+  jax.block_until_ready(programs.run_epoch(states, xs, ys, idx, hps))
+  t0 = time.perf_counter()
+  jax.block_until_ready(programs.run_epoch(states, xs, ys, idx, hps))
+  compute = time.perf_counter() - t0
+  assert recorded >= 0.5 * compute, (recorded, compute)
+
+
+def test_epoch_program_compiles_once_on_two_devices(tmp_path):
+  """Before: on 2 CPU devices the epoch program compiled twice (replicated
+  initial states, sharded ones after epoch 1)."""
+  script = textwrap.dedent("""
+      import jax
+      jax.config.update("jax_num_cpu_devices", 2)
+      from qjax import data, models, sweep as s
+      from qjax.train import TrainConfig
+      ds = data.load("digits")
+      ds = ds._replace(train_x=ds.train_x[:256], train_y=ds.train_y[:256])
+      model = models.get("mlp", 10, features=(16,))
+      config = TrainConfig(method="sr", batch_size=32, epochs=3)
+      out = s.sweep(model, ds, config, s.SweepSpec(seeds=(0, 1), lrs=(0.01,)),
+                    model_name="mlp", progress=False)
+      assert out["devices"] == 2, out["devices"]
+      full = s.dataclasses.replace(config, steps_per_epoch=8)
+      programs = s._programs(model, full, s.choose_strategy("mlp"))
+      print("compiled", programs.epoch._cache_size())
+  """)
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.split()[-2:] == ["compiled", "1"], out.stdout
+
+
+def test_results_are_strict_json(tmp_path):
+  path = tmp_path / "r.json"
+  results.write_json(str(path), {"loss": [float("nan"), 1.0],
+                                 "x": np.array([np.inf, 2.0])})
+  def refuse(token):
+    raise AssertionError(f"non-standard JSON token {token}")
+  loaded = json.loads(path.read_text(), parse_constant=refuse)
+  assert loaded == {"loss": [None, 1.0], "x": [None, 2.0]}

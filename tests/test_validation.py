@@ -1,0 +1,416 @@
+"""Clear errors for bad input, no false rejections, NaN/inf steps skipped."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import qjax
+from qjax import Grid
+
+
+def _linen(kernel=0.3, bias=0.1):
+  """A Linen-style tree: a dense kernel (on no grid yet) and a bias."""
+  return {"params": {"Dense_0": {
+      "kernel": jnp.full((4, 3), kernel, jnp.float32),
+      "bias": jnp.full((3,), bias, jnp.float32)}}}
+
+
+def _key_data(tree):
+  """``tree`` with typed keys as their raw ``uint32`` data."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def _bits(tree):
+  return [np.asarray(leaf).tobytes()
+          for leaf in jax.tree.leaves(tree)]
+
+
+def _update(tx, params, grads=None):
+  grads = jax.tree.map(jnp.ones_like, params) if grads is None else grads
+  return tx.update(grads, tx.init(params), params)
+
+
+# 1. Integer leaves selected by a mask.
+
+
+def test_int_leaf_selected_by_a_mask_names_its_path_and_dtype():
+  params = {"kernel": jnp.zeros((2, 2)), "step": jnp.zeros((), jnp.int32)}
+  mask = {"kernel": True, "step": True}
+  grid = Grid.binary()
+  for tx in (qjax.stochastic_rounding(grid, 0, mask),
+             qjax.nearest_rounding(grid, mask)):
+    with pytest.raises(TypeError, match=r"floating point.*step.*int32"):
+      _update(tx, params)
+  with pytest.raises(TypeError, match=r"floating point.*step.*int32"):
+    qjax.quantize(params, qjax.round_nearest, mask, grid=grid)
+
+
+def test_int_kernel_selected_by_the_default_mask_is_a_clear_error():
+  params = {"Dense_0": {"kernel": jnp.zeros((2, 2), jnp.int32)}}
+  with pytest.raises(TypeError, match=r"floating point.*Dense_0/kernel"):
+    qjax.quantize(params, qjax.round_nearest, grid=Grid.binary())
+
+
+# 2. Boolean array masks.
+
+
+def test_concrete_jnp_bool_mask_works_under_jit():
+  params = {"kernel": jnp.full((2, 2), 0.3), "bias": jnp.full((2,), 0.3)}
+  mask = jax.tree.map(lambda _: jnp.array(True), params)
+  mask["bias"] = np.bool_(False)
+  resolved = qjax.resolve_mask(mask, params)
+  assert resolved == {"kernel": True, "bias": False}
+  assert all(type(m) is bool for m in jax.tree.leaves(resolved))
+  tx = qjax.nearest_rounding(Grid.binary(), mask)
+  d, _ = jax.jit(lambda p: _update(tx, p))(params)
+  assert bool(jnp.all(d["bias"] == 1.0))
+  assert bool(jnp.all(params["kernel"] + d["kernel"] == 1.0))
+
+
+def test_traced_mask_is_a_clear_error():
+  params = {"kernel": jnp.zeros((2, 2))}
+  mask = {"kernel": jnp.array(True)}
+  grid = Grid.binary()
+
+  def step(p, m):
+    return _update(qjax.nearest_rounding(grid, m), p)
+
+  with pytest.raises(ValueError, match="static Python bools or predicates"):
+    jax.jit(step)(params, mask)
+  with pytest.raises(ValueError, match="static Python bools or predicates"):
+    jax.jit(lambda p: qjax.quantize(p, qjax.sign, lambda path, leaf: jnp.all(
+        leaf > 0)))(params)
+
+
+def test_mask_of_non_bools_is_a_clear_error():
+  params = {"kernel": jnp.zeros((2, 2))}
+  with pytest.raises(TypeError, match=r"one Python bool per leaf.*kernel"):
+    qjax.resolve_mask({"kernel": jnp.array([True, False])}, params)
+
+
+# 3.-5. Keys, seeds and integer arguments.
+
+
+@pytest.mark.parametrize("seed", [0, np.int64(0), np.uint32(0),
+                                  jnp.int32(0)])
+def test_round_stochastic_takes_int_seeds(seed):
+  x, grid = jnp.linspace(-1, 1, 64), Grid.uniform(0.25, lo=-1.0, hi=1.0)
+  expected = qjax.round_stochastic(jax.random.key(0), x, grid)
+  assert bool(jnp.all(qjax.round_stochastic(seed, x, grid) == expected))
+
+
+def test_round_stochastic_takes_typed_and_raw_keys():
+  x, grid = jnp.linspace(-1, 1, 64), Grid.uniform(0.25, lo=-1.0, hi=1.0)
+  typed = qjax.round_stochastic(jax.random.key(3), x, grid)
+  raw = qjax.round_stochastic(jax.random.PRNGKey(3), x, grid)
+  numpy_raw = qjax.round_stochastic(np.asarray(jax.random.PRNGKey(3)), x,
+                                    grid)
+  assert bool(jnp.all(typed == raw)) and bool(jnp.all(raw == numpy_raw))
+
+
+@pytest.mark.parametrize("keys", [
+    jax.random.split(jax.random.key(0), 2),
+    jax.random.split(jax.random.PRNGKey(0), 2),
+])
+def test_batched_key_is_a_clear_error(keys):
+  x = jnp.zeros(3)
+  with pytest.raises(ValueError, match=r"expects one key.*shape.*vmap"):
+    qjax.round_stochastic(keys, x, Grid.binary())
+  # The factory checks the key, before the first update.
+  with pytest.raises(ValueError, match=r"expects one key.*shape.*vmap"):
+    qjax.stochastic_rounding(Grid.binary(), keys)
+  out = jax.vmap(lambda k: qjax.round_stochastic(k, x, Grid.binary()))(keys)
+  assert out.shape == (2, 3)
+
+
+def test_quantize_takes_an_int_seed():
+  params = _linen()
+  grid = qjax.glorot_binary_grid
+  by_seed = qjax.quantize(params, qjax.round_stochastic, grid=grid, key=5)
+  by_key = qjax.quantize(params, qjax.round_stochastic, grid=grid,
+                         key=jax.random.key(5))
+  assert _bits(by_seed) == _bits(by_key)
+
+
+def test_numpy_and_jax_integers_are_accepted():
+  for bits in (np.int64(2), jnp.int32(2), np.int8(2)):
+    grid = Grid.kbit(bits, 0.5)
+    assert grid.num_points() == 4
+    assert float(grid.step) == float(Grid.kbit(2, 0.5).step)
+  grid = Grid.binary()
+  params = {"kernel": jnp.zeros((8,))}
+  d_np, _ = _update(qjax.stochastic_rounding(grid, key=np.int64(3)), params)
+  d_int, _ = _update(qjax.stochastic_rounding(grid, key=3), params)
+  assert _bits(d_np) == _bits(d_int)
+
+
+@pytest.mark.parametrize("bits", [2.5, True, 0, np.bool_(True),
+                                  jnp.float32(2.0), jnp.array(True)])
+def test_bad_bits_are_clear_errors(bits):
+  with pytest.raises(ValueError, match=r"integer bits >= 1.*got bits="):
+    Grid.kbit(bits)
+
+
+def test_traced_bits_are_a_clear_error():
+  with pytest.raises(ValueError, match="static integer bits"):
+    jax.jit(lambda b: Grid.kbit(b).step)(2)
+
+
+# 6. Masks that select nothing; NNX paths.
+
+
+@pytest.mark.parametrize("params", [
+    {"params": {"Dense_0": {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}}},
+    {"linear": {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}},   # Haiku
+    {"layers": [{"weight": jnp.zeros((2, 2))}]},               # Equinox
+])
+def test_a_mask_that_selects_nothing_is_an_error_everywhere(params):
+  grid = Grid.binary()
+  calls = [
+      lambda: _update(qjax.stochastic_rounding(grid, 0), params),
+      lambda: _update(qjax.nearest_rounding(grid), params),
+      lambda: _update(qjax.latent_clipping(grid), params),
+      lambda: qjax.quantize(params, qjax.sign),
+      lambda: qjax.resolve_mask(qjax.conv_kernels, params),
+  ] + [lambda m=m: qjax.methods.make(m, key=0, grid=grid).project(params)
+       for m in ("bc", "sr", "r")]
+  for call in calls:
+    with pytest.raises(ValueError, match=r"selects no parameter.*leaves are "
+                       r"'.*(w|weight)'.*Pass a mask"):
+      call()
+
+
+def test_empty_selection_lists_at_most_ten_paths():
+  params = {f"layer_{i:02d}": {"w": jnp.zeros(2)} for i in range(15)}
+  with pytest.raises(ValueError, match=r"'layer_09/w', \.\.\. and 5 more"):
+    qjax.resolve_mask(None, params)
+  assert not any(jax.tree.leaves(
+      qjax.resolve_mask(None, params, allow_empty=True)))
+
+
+def test_fp_ignores_the_mask():
+  params = {"linear": {"w": jnp.zeros((2, 2))}}
+  method = qjax.methods.make("fp", mask=qjax.conv_kernels)
+  assert method.project(params) is params
+  _update(method.tx, params)
+
+
+def test_kernel_predicates_recognise_nnx_paths():
+  from flax import nnx
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                         nnx.Conv(4, 2, (3, 3), rngs=nnx.Rngs(1)))
+  state = nnx.state(model, nnx.Param)
+  mask = qjax.resolve_mask(qjax.all_kernels, state)
+  names = {"/".join(qjax.quantizers.path_names(p)): m for p, m in
+           jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert names == {"layers/0/kernel/value": True, "layers/0/bias/value": False,
+                   "layers/1/kernel/value": True, "layers/1/bias/value": False}
+  conv = qjax.resolve_mask(qjax.conv_kernels, state)
+  assert sum(jax.tree.leaves(conv)) == 1
+  method = qjax.methods.make("sr", key=0)
+  projected = method.project(state)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(projected)[0]:
+    names = qjax.quantizers.path_names(path)
+    if names[-2] == "kernel":
+      grid = qjax.glorot_binary_grid(names, leaf)
+      assert bool(jnp.all(qjax.contains(leaf, grid))), names
+
+
+# 7. The default mask is the kernels.
+
+
+@pytest.mark.parametrize("name", ["bc", "sr", "r"])
+def test_default_mask_of_every_method_is_the_kernels(name):
+  params = _linen()
+  method = qjax.methods.make(name, 0.01, key=0)
+  projected = method.project(params)
+  assert _bits(projected["params"]["Dense_0"]["bias"]) == _bits(
+      params["params"]["Dense_0"]["bias"])
+  h = qjax.glorot_scale((4, 3))
+  view = method.view(projected)["params"]["Dense_0"]["kernel"]
+  assert bool(jnp.all(jnp.abs(view) <= jnp.float32(h)))
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), projected)
+  d, _ = method.tx.update(grads, method.tx.init(projected), projected)
+  new = optax.apply_updates(projected, d)
+  assert bool(jnp.all(new["params"]["Dense_0"]["bias"] < 0.1))
+  if name != "bc":
+    grid = Grid.binary(h)
+    assert bool(jnp.all(qjax.contains(new["params"]["Dense_0"]["kernel"],
+                                      grid)))
+
+
+def test_default_mask_of_quantize_is_the_kernels_or_a_bare_array():
+  view = qjax.quantize(_linen(kernel=0.3, bias=0.1), qjax.sign)
+  assert bool(jnp.all(view["params"]["Dense_0"]["kernel"] == 1.0))
+  assert bool(jnp.all(view["params"]["Dense_0"]["bias"] == 0.1))
+  assert bool(jnp.all(qjax.quantize(jnp.full(3, -0.2), qjax.sign) == -1.0))
+
+
+# 8. Raw Grid fields.
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Grid(step=0.0), r"step must be a finite number > 0.*step="),
+    (lambda: Grid(step=jnp.float32(-1.0)), r"step.*> 0"),
+    (lambda: Grid(step=float("inf")), r"step.*finite"),
+    (lambda: Grid(step=1.0, offset=float("nan")), r"offset must be finite"),
+    (lambda: Grid(step=1e39), r"step must fit in float32"),
+    (lambda: Grid(step=1.0, offset=-1.0, lo=-1.0), r"together"),
+    (lambda: Grid(step=1.0, lo=1.0, hi=-1.0), r"lo < hi.*got lo="),
+    (lambda: Grid(step=1.0, lo=-np.inf, hi=1.0), r"bounds must be finite"),
+    (lambda: Grid.binary(3e38), r"scale is too large.*overflows float32"),
+    (lambda: Grid.ternary(3e38), r"scale is too large"),
+    (lambda: Grid.kbit(2, 2e38), r"scale is too large"),
+    (lambda: Grid.binary(float("inf")), r"scale must be a finite number"),
+    (lambda: Grid.uniform(1.0, lo=-3e38, hi=3e38), r"hi - lo.*float32"),
+    (lambda: Grid.binary(1.0).replace(step=0.0), r"step.*> 0"),
+])
+def test_raw_grid_fields_are_validated(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_grids_still_rebuild_under_tree_utilities_jit_and_vmap():
+  grid = Grid.binary(0.5)
+  axes = jax.tree.map(lambda _: 0, grid)  # step=0 as an in_axes spec
+  assert axes.step == 0 and axes.bounded
+  scales = jnp.array([1.0, 2.0])
+  grids = jax.vmap(Grid.binary)(scales)
+  out = jax.vmap(qjax.round_nearest, in_axes=(None, axes))(jnp.float32(0.3),
+                                                           grids)
+  np.testing.assert_array_equal(out, [1.0, 2.0])
+  doubled = jax.jit(lambda g: jax.tree.map(lambda v: 2 * v, g))(grid)
+  assert float(doubled.hi) == 1.0
+  assert jax.tree.structure(Grid.uniform(0.1)) != jax.tree.structure(grid)
+  assert [qjax.quantizers.path_names(p) for p, _ in
+          jax.tree_util.tree_flatten_with_path(grid)[0]] == [
+              ("step",), ("offset",), ("lo",), ("hi",)]
+
+
+# 9. Non-finite steps are skipped.
+
+
+def _bad(params, value):
+  """Gradients with one non-finite entry in the first kernel."""
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+  k = grads["params"]["Dense_0"]["kernel"]
+  grads["params"]["Dense_0"]["kernel"] = k.at[0, 0].set(value)
+  return grads
+
+
+def _good(params, t):
+  return jax.tree.map(lambda x: jnp.full_like(x, 0.2 * (-1) ** t), params)
+
+
+@pytest.mark.parametrize("value", [jnp.nan, jnp.inf])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("name", ["fp", "bc", "sr", "r"])
+def test_a_non_finite_gradient_is_skipped_bit_for_bit(name, optimizer, value):
+  method = qjax.methods.make(name, 0.5, optimizer=optimizer, key=1)
+  params = method.project(_linen(kernel=0.3, bias=-0.0))
+  state = method.tx.init(params)
+  step = jax.jit(lambda p, s, g: method.tx.update(g, s, p))
+  d, state = step(params, state, _good(params, 0))
+  params = optax.apply_updates(params, d)
+
+  d, bad_state = step(params, state, _bad(params, value))
+  after = optax.apply_updates(params, d)
+  assert _bits(after) == _bits(params)
+  assert int(bad_state.skipped) == 1 and int(bad_state.streak) == 1
+  d, bad_state = step(params, bad_state, _bad(params, value))
+  assert int(bad_state.skipped) == 2 and int(bad_state.streak) == 2
+  if name in ("sr", "r"):
+    kernel = after["params"]["Dense_0"]["kernel"]
+    assert bool(jnp.all(qjax.contains(kernel, Grid.binary(
+        qjax.glorot_scale((4, 3))))))
+
+  # The next finite step trains as if the bad steps had never happened.
+  d, good_state = step(params, bad_state, _good(params, 1))
+  d_ref, ref_state = step(params, state, _good(params, 1))
+  assert _bits(d) == _bits(d_ref)
+  assert int(good_state.skipped) == 2 and int(good_state.streak) == 0
+  for leaf in jax.tree.leaves(good_state.inner_state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+  assert jax.tree.structure(good_state) == jax.tree.structure(ref_state)
+
+
+@pytest.mark.parametrize("name", ["fp", "bc", "sr", "r"])
+def test_skipped_steps_keep_the_inner_state_bit_for_bit(name):
+  method = qjax.methods.make(name, 0.1, optimizer="adam", key=2)
+  params = method.project(_linen())
+  state = method.tx.init(params)
+  d, state = method.tx.update(_good(params, 0), state, params)
+  params = optax.apply_updates(params, d)
+  _, skipped = method.tx.update(_bad(params, jnp.nan), state, params)
+  assert _bits(_key_data(skipped.inner_state)) == _bits(
+      _key_data(state.inner_state))
+
+
+def test_nan_in_an_unquantized_leaf_or_in_the_updates_is_skipped():
+  method = qjax.methods.make("sr", 0.1, optimizer="sgd", key=0)
+  params = method.project(_linen())
+  grads = _good(params, 0)
+  grads["params"]["Dense_0"]["bias"] = grads["params"]["Dense_0"][
+      "bias"].at[1].set(jnp.nan)
+  d, state = method.tx.update(grads, method.tx.init(params), params)
+  assert _bits(optax.apply_updates(params, d)) == _bits(params)
+  assert int(state.skipped) == 1
+  # Finite gradients whose update overflows: skipped too.
+  tx = qjax.skip_nonfinite(optax.sgd(3e38))
+  p = {"w": jnp.full(2, 3e38)}
+  d, state = tx.update({"w": jnp.full(2, -2.0)}, tx.init(p), p)
+  assert bool(jnp.all(d["w"] == 0)) and int(state.skipped) == 1
+
+
+def test_skip_nonfinite_keeps_adam_moments_finite_after_overflow():
+  tx = qjax.skip_nonfinite(optax.adam(0.1))
+  p = {"w": jnp.ones(2)}
+  state = tx.init(p)
+  _, state = tx.update({"w": jnp.full(2, 1e30)}, state, p)  # g**2 = inf
+  assert int(state.skipped) == 1
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
+      state.inner_state) if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def test_skip_nonfinite_vmaps_lane_by_lane_and_traces_once():
+  chex.clear_trace_counter()
+  method = qjax.methods.make("sr", 0.1, optimizer="adam", key=0)
+  params = method.project(_linen())
+  lanes = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+  grads = jax.tree.map(lambda a, b: jnp.stack([a, b]), _good(params, 0),
+                       _bad(params, jnp.nan))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(p, g):
+    d, s = method.tx.update(g, method.tx.init(p), p)
+    return optax.apply_updates(p, d), s
+
+  new, state = jax.vmap(step)(lanes, grads)
+  np.testing.assert_array_equal(state.skipped, [0, 1])
+  np.testing.assert_array_equal(state.streak, [0, 1])
+  one, _ = step(params, _good(params, 0))
+  assert _bits(jax.tree.map(lambda x: x[0], new)) == _bits(one)
+  assert _bits(jax.tree.map(lambda x: x[1], new)) == _bits(params)
+  assert _bits(one) != _bits(params)
+  new, state = jax.vmap(step)(lanes, jax.tree.map(jnp.zeros_like, grads))
+  np.testing.assert_array_equal(state.skipped, [0, 0])
+
+
+def test_adding_the_zero_update_keeps_every_float_bit_for_bit():
+  # (Not subnormals: XLA's arithmetic flushes them to zero in any step.)
+  x = jnp.array([-0.0, 0.0, 2e-38, -3.5, 0.1, jnp.finfo(jnp.float32).max])
+  zero = qjax.transforms._no_update(x)
+  assert bool(jnp.all(zero == 0))
+  assert _bits(optax.apply_updates({"w": x}, {"w": zero})) == _bits({"w": x})
+
+
+def test_every_method_is_wrapped():
+  for name in qjax.methods.METHODS:
+    method = qjax.methods.make(name, key=0)
+    assert isinstance(method.tx.init(_linen()), qjax.SkipNonFiniteState)
