@@ -390,11 +390,17 @@ def main(name: str, doc: str, config: Callable, run: Callable,
   sweep_lib.cpu_devices(args.cpu_devices)  # before JAX creates an array
   cfg = config(args.scale)
   if args.only:
-    cfg = select(cfg, [n for n in args.only.split(",") if n])
+    try:
+      cfg = select(cfg, [n for n in args.only.split(",") if n])
+    except ValueError as err:
+      print(f"python -m experiments.{name}: error: --only: {err}",
+            file=sys.stderr)
+      return 2
   t0 = time.time()
   try:
     results = run(cfg, out_dir=args.out, progress=not args.no_progress)
-  except (UnsupportedExperimentError, data_lib.DatasetNotFoundError) as err:
+  except (UnsupportedExperimentError, data_lib.DatasetNotFoundError,
+          data_lib.DatasetCorruptError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
   paths = plot(results, args.out)

@@ -324,3 +324,11 @@ def test_truncated_dataset_file_is_one_line(tmp_path, monkeypatch, capsys):
                          str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err
   assert "corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_paper_experiment_only_flag_refuses_unknown_names(capsys):
+  """Before: `--only bogus` ended in a ValueError traceback."""
+  from experiments import table1
+  assert table1.main(["--scale", "smoke", "--only", "bogus/mlp"]) == 2
+  err = capsys.readouterr().err
+  assert "--only" in err and "bogus/mlp" in err and "known" in err
