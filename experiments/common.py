@@ -320,8 +320,12 @@ def _distinct(values: tuple, text: str) -> tuple:
   return values
 
 
-def int_list(minimum: int = 0, maximum: int | None = None) -> Callable:
-  """argparse type: ``"0,1,2"`` -> ``(0, 1, 2)``, distinct ints in range."""
+def int_list(minimum: int = 0, maximum: int | None = None,
+             distinct: bool = True) -> Callable:
+  """argparse type: ``"0,1,2"`` -> ``(0, 1, 2)``, ints in range.
+
+  With ``distinct`` (seeds, decay epochs) a repeated value is refused.
+  """
   what = (f"ints >= {minimum}" if maximum is None
           else f"ints in [{minimum}, {maximum}]")
 
@@ -338,7 +342,7 @@ def int_list(minimum: int = 0, maximum: int | None = None) -> Callable:
         raise argparse.ArgumentTypeError(
             f"expected a comma-separated list of {what}, got {text!r}")
       out.append(value)
-    return _distinct(tuple(out), text)
+    return _distinct(tuple(out), text) if distinct else tuple(out)
   return parse
 
 

@@ -62,25 +62,32 @@ def parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                  help="JSON object whose keys are these flags (e.g. "
                  '{"lrs": [0.01, 0.001], "epochs": 3}); parsed and checked '
                  "exactly like the flags, which override it")
-  p.add_argument("--dataset", default="mnist", choices=data_lib.KNOWN_NAMES)
-  p.add_argument("--model", default="mlp", choices=models.NAMES)
-  p.add_argument("--mlp-features", type=common.int_list(1), default=(256, 256),
+  p.add_argument("--dataset", default="mnist", choices=data_lib.KNOWN_NAMES,
+                 help="dataset (fetch first: python -m qjax.data fetch NAME)")
+  p.add_argument("--model", default="mlp", choices=models.NAMES,
+                 help="model from qjax.models")
+  p.add_argument("--mlp-features", type=common.int_list(1, distinct=False),
+                 default="256,256",
                  help="hidden sizes of the MLP, comma-separated")
   p.add_argument("--methods", type=common.name_list(methods_lib.METHODS),
-                 default=("fp", "bc", "sr", "r"), help="comma-separated")
+                 default="fp,bc,sr,r", help="comma-separated, from "
+                 f"{{{','.join(methods_lib.METHODS)}}}")
   p.add_argument("--optimizer", default="adam",
-                 choices=methods_lib.OPTIMIZERS)
-  p.add_argument("--lrs", type=common.positive_float_list, default=(0.001,),
+                 choices=methods_lib.OPTIMIZERS,
+                 help="base step: adam (the paper's -ADAM variants) or sgd")
+  p.add_argument("--lrs", type=common.positive_float_list, default="0.001",
                  help="learning rates, comma-separated (0.001 suits the "
                  "binary MLP; see the README)")
   p.add_argument("--seeds", type=common.int_list(0, 2**32 - 1),
-                 default=(0, 1, 2), help="comma-separated")
+                 default="0,1,2", help="comma-separated")
   p.add_argument("--grid-scales", type=common.positive_float_list,
                  default=None,
                  help="multiples of each layer's binary scale H to sweep "
                  "(the grid spacing), e.g. 0.5,1,2; default: H itself")
-  p.add_argument("--batch-size", type=common.positive_int, default=128)
-  p.add_argument("--epochs", type=common.positive_int, default=3)
+  p.add_argument("--batch-size", type=common.positive_int, default=128,
+                 help="minibatch size")
+  p.add_argument("--epochs", type=common.positive_int, default=3,
+                 help="epochs; rerunning with more extends a checkpointed run")
   p.add_argument("--lr-decay-epochs", type=common.int_list(1), default=(),
                  help="divide the lr by 10 at these epochs (each < --epochs),"
                  " e.g. 82,122")
@@ -94,13 +101,16 @@ def parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                  default=None, help="train at most this many configs at once")
   p.add_argument("--train-subset", type=common.positive_int, default=None,
                  help="use only the first N training examples")
-  p.add_argument("--out", default="results/train", help="output folder")
+  p.add_argument("--out", default="results/train",
+                 help="output folder (locked while a run writes to it)")
   p.add_argument("--fresh", action="store_true",
                  help="discard existing checkpoints in --out and start over "
                  "(by default the same command resumes, and a different run "
                  "is refused)")
-  p.add_argument("--no-checkpoint", action="store_true")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--no-checkpoint", action="store_true",
+                 help="write no checkpoints (an interrupted run restarts)")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bars")
   p.add_argument("--smoke", action="store_true",
                  help="defaults for a run of seconds: digits, 1 epoch, "
                  "seeds 0,1, MLP 64, batch 64 (explicit flags still win)")

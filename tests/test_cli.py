@@ -256,6 +256,13 @@ def test_natural_json_config_equals_the_flags(tmp_path):
   assert train_cli.parse_args(["--config", config, "--epochs", "3"]).epochs == 3
 
 
+def test_repeated_hidden_sizes_are_allowed():
+  """--mlp-features 256,256 (the default) is two layers, not a repeat."""
+  assert train_cli.parse_args(["--mlp-features", "32,32"]).mlp_features == (
+      32, 32)
+  assert train_cli.parse_args([]).mlp_features == (256, 256)
+
+
 def test_smoke_keeps_explicit_flags():
   args = train_cli.parse_args(["--smoke", "--epochs", "3", "--seeds", "5"])
   assert (args.epochs, args.seeds, args.dataset) == (3, (5,), "digits")
@@ -266,8 +273,12 @@ def test_help_shows_prog_defaults_and_choices(capsys):
     train_cli.main(["--help"])
   text = capsys.readouterr().out
   assert text.startswith("usage: python -m experiments.train")
-  assert "(default: (0.001,))" in text  # the README's learning rate
-  assert "{fp,bc,sr,r}" in text or "fp, bc, sr, r" in text or "mnist" in text
+  flat = " ".join(text.split())
+  assert "(default: 0.001)" in flat  # the README's learning rate
+  assert "{fp,bc,sr,r} (default: fp,bc,sr,r)" in flat
+  for flag in ("--dataset", "--epochs", "--batch-size", "--out", "--seeds"):
+    help_text = text[text.index(f"  {flag}"):].split("\n  -")[0]
+    assert "(default:" in help_text, flag
 
 
 def test_table_and_results_keep_swept_values_apart(tmp_path):
