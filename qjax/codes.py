@@ -1,31 +1,28 @@
 """Quantized arrays stored as integer grid codes.
 
-A :class:`CodeGrid` is a bounded uniform grid: the ``levels`` points
-``offset + k * step``, ``k = 0 .. levels - 1``, stored in a floating-point
-``dtype`` (float32, bfloat16 or float16). Its *value table* (:func:`values`)
-holds, for every code ``k``, the ``dtype`` value nearest to the exact real
-number ``offset + k * step``, computed once on the host in exact rational
-arithmetic. So a point the dtype can represent (``1.0``, ``0.5``) is exactly
-that value, a symmetric grid is exactly symmetric, ``kbit(b)`` has exactly
-``2**b`` levels in every dtype that can hold them, and nothing ever moves a
-grid to make arithmetic convenient.
+A :class:`Codes` is a quantized array: a pytree holding the integer codes of
+its points on a bounded :class:`qjax.Grid` (and the grid's scale, when it has
+one), with the grid's static fields, the logical shape and the storage dtype
+as static data. Two-level (binary) grids pack 8 codes per byte; grids of up
+to 256 levels use one ``uint8`` per code, up to 65536 one ``uint16``.
 
-A :class:`Codes` is the quantized array itself: a pytree whose only leaf is
-the integer codes, with the grid and the logical shape as static data.
-Two-level (binary) grids pack 8 codes per byte; grids of up to 256 levels use
-one ``uint8`` per code, up to 65536 one ``uint16``. "On the grid" is true by
-construction, :func:`decode` is a gather from the table (the same bits
-eagerly, under ``jit`` and under ``vmap``, on every backend), and updates of
-the codes (:func:`step_codes`) are exact integer arithmetic.
+"On the grid" is true by construction: :func:`decode` is a gather from the
+grid's value table (:func:`qjax.grid.values`: the storage-dtype value nearest
+to the exact point ``offset + k * step``), the same bits eagerly, under
+``jit`` and under ``vmap``, on every backend; every rounding decision is a
+comparison with precomputed thresholds, and updates of the codes are exact
+integer arithmetic.
 
 This is how SR and R (Li, De, Xu, Studer, Samet, Goldstein, "Training
-Quantized Nets: A Deeper Understanding", NeurIPS 2017) store weights: only the
-quantized weights, no float copy.
+Quantized Nets: A Deeper Understanding", NeurIPS 2017) store weights in qjax:
+only the quantized weights, no float copy. The update rules
+(:func:`qjax.stochastic_rounding`, :func:`qjax.nearest_rounding`) turn a float
+update into new codes and emit the difference of the stored bytes (modulo
+256), which ``optax.apply_updates`` adds back exactly.
 
 Example:
-  >>> from qjax import codes
-  >>> grid = codes.binary(0.5)
-  >>> c = codes.encode_nearest(jnp.array([0.3, -2.0, 0.0]), grid)
+  >>> from qjax import codes, Grid
+  >>> c = codes.encode_nearest(jnp.array([0.3, -2.0, 0.0]), Grid.binary(0.5))
   >>> codes.decode(c)
   Array([ 0.5, -0.5,  0.5], dtype=float32)
   >>> codes.nbytes(c), c.data.dtype
@@ -34,484 +31,31 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import decimal
-import functools
 import math
-import numbers
-from fractions import Fraction
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from qjax.grid import Grid
+from qjax.grid import Points
+from qjax.grid import as_float32
+from qjax.grid import check_dtype
+from qjax.grid import values
+
 ArrayLike = Any
+PyTree = Any
 
-MAX_LEVELS = 2**16
-"""The most levels a grid may have (codes are at most ``uint16``)."""
 
-# Grid points and spacings below this magnitude are refused: float32
-# denormals are flushed to zero by some backends (XLA:CPU compares them as 0),
-# so arithmetic near them would depend on the program.
-_MIN_MAGNITUDE = Fraction(2)**-96
+def code_dtype(grid: Grid) -> np.dtype:
+  """The integer dtype of ``grid``'s stored codes (uint8 or uint16)."""
+  return np.dtype(np.uint8 if grid.levels <= 256 else np.uint16)
 
-_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
-_F32_TINY = float(np.finfo(np.float32).tiny)
 
-
-# ----------------------------------------------------------------------------
-# Exact host-side numbers.
-# ----------------------------------------------------------------------------
-
-
-def _exact(name: str, value: Any, where: str) -> Fraction:
-  """``value`` as an exact rational number.
-
-  A Python float (or a numpy float32/float16/float64) means the shortest
-  decimal that round-trips to it, so ``0.1`` is ``1/10``; ints, strings
-  (``"0.1"``, ``"1/10"``), ``Decimal`` and ``Fraction`` are taken as they
-  are; other floats (bfloat16 scalars) by their exact binary value.
-  """
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-        f"{where} needs a concrete {name} (its value table is computed on "
-        f"the host); got a traced value {name}={value}. Build the grid "
-        "outside jit/vmap with a Python number.")
-  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
-    value = np.asarray(value)[()]
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{where}: {name} must be a number; got {name}={value!r}.")
-  try:
-    if isinstance(value, Fraction):
-      q = value
-    elif isinstance(value, (int, np.integer)):
-      q = Fraction(int(value))
-    elif isinstance(value, str):
-      q = Fraction(value.strip())
-    elif isinstance(value, decimal.Decimal):
-      if not value.is_finite():
-        raise ValueError
-      q = Fraction(value)
-    elif isinstance(value, (float, np.float64, np.float32, np.float16)):
-      if not math.isfinite(float(value)):
-        raise ValueError
-      q = Fraction(np.format_float_positional(value, unique=True, trim="0"))
-    elif (isinstance(value, numbers.Real) or
-          (isinstance(value, np.generic)
-           and jnp.issubdtype(value.dtype, jnp.floating))):
-      if not math.isfinite(float(value)):
-        raise ValueError
-      q = Fraction(float(value))
-    else:
-      raise TypeError
-  except (ValueError, TypeError, ZeroDivisionError, OverflowError):
-    raise ValueError(
-        f"{where}: {name} must be a finite real number (a Python or numpy "
-        f"number, a decimal string or a Fraction); got {name}={value!r}."
-    ) from None
-  return q
-
-
-def _format(dtype: np.dtype) -> tuple[int, int, Fraction]:
-  """(significand bits incl. the implicit one, min normal exponent, max)."""
-  info = ml_dtypes.finfo(dtype)
-  return info.nmant + 1, int(info.minexp), Fraction(float(info.max))
-
-
-def _round_magnitude(num: int, den: int, precision: int, emin: int,
-                     mode: str) -> float:
-  """The binary float nearest to ``num / den >= 0`` (exact integer maths).
-
-  Args:
-    num, den: the rational number, ``num >= 0``, ``den > 0``.
-    precision: significand bits (24 for float32, 8 bf16, 11 f16).
-    emin: exponent of the smallest normal number (subnormals below it).
-    mode: ``"even"`` (nearest, ties to even), ``"floor"`` or ``"ceil"``.
-
-  Returns:
-    The result as a Python float (exact; no overflow check).
-  """
-  if num == 0:
-    return 0.0
-  e = num.bit_length() - den.bit_length()
-  if (num << -e if e < 0 else num) < (den << e if e > 0 else den):
-    e -= 1  # now 2**e <= num/den < 2**(e+1)
-  quantum = max(e, emin) - (precision - 1)
-  if quantum <= 0:
-    m, r = divmod(num << -quantum, den)
-  else:
-    m, r = divmod(num, den << quantum)
-  rem_den = den if quantum <= 0 else den << quantum
-  if mode == "even":
-    if 2 * r > rem_den or (2 * r == rem_den and m % 2):
-      m += 1
-  elif mode == "ceil":
-    m += r != 0
-  return math.ldexp(m, quantum)
-
-
-def _round_to(q: Fraction, dtype: np.dtype, mode: str = "even") -> float:
-  """``q`` rounded to ``dtype`` (``even``: nearest; or ``floor``/``ceil``)."""
-  precision, emin, _ = _format(dtype)
-  if q < 0:
-    flip = {"even": "even", "floor": "ceil", "ceil": "floor"}[mode]
-    return -_round_magnitude(-q.numerator, q.denominator, precision, emin,
-                             flip)
-  return _round_magnitude(q.numerator, q.denominator, precision, emin, mode)
-
-
-def _fmt(q: Fraction) -> str:
-  return f"{float(q):.9g}"
-
-
-# ----------------------------------------------------------------------------
-# Grids.
-# ----------------------------------------------------------------------------
-
-
-def _check_dtype(dtype, where: str) -> np.dtype:
-  try:
-    dt = np.dtype(dtype)
-  except TypeError:
-    dt = None
-  if dt is None or dt.name not in _DTYPES:
-    raise ValueError(
-        f"{where}: dtype must be one of {', '.join(_DTYPES)} (the storage "
-        f"dtype of the decoded values); got dtype={dtype!r}.")
-  return _DTYPES[dt.name]
-
-
-def _check_levels(levels, where: str) -> int:
-  if (not isinstance(levels, (int, np.integer))
-      or isinstance(levels, (bool, np.bool_))):
-    raise ValueError(
-        f"{where}: levels must be an integer between 2 and {MAX_LEVELS}; got "
-        f"levels={levels!r}.")
-  levels = int(levels)
-  if not 2 <= levels <= MAX_LEVELS:
-    raise ValueError(
-        f"{where}: levels must be between 2 and {MAX_LEVELS} (codes are at "
-        f"most uint16); got levels={levels}.")
-  return levels
-
-
-def _check_bits(bits) -> int:
-  concrete = None
-  if isinstance(bits, (int, np.integer)) and not isinstance(
-      bits, (bool, np.bool_)):
-    concrete = int(bits)
-  elif (isinstance(bits, (np.ndarray, jax.Array))
-        and not isinstance(bits, jax.core.Tracer) and np.ndim(bits) == 0
-        and np.issubdtype(bits.dtype, np.integer)):
-    concrete = int(bits)
-  if concrete is None or not 1 <= concrete <= 16:
-    raise ValueError(
-        f"kbit: bits must be an integer between 1 and 16 (2**bits levels, "
-        f"at most {MAX_LEVELS}); got bits={bits!r}. Use bits=1 for binary, "
-        "2 for four levels, and so on.")
-  return concrete
-
-
-@dataclasses.dataclass(frozen=True)
-class CodeGrid:
-  """The ``levels`` points ``offset + k * step`` stored in ``dtype``.
-
-  Use the constructors :func:`binary`, :func:`ternary`, :func:`kbit` and
-  :func:`uniform` (also available as class methods). ``offset`` and
-  ``step`` are kept as exact :class:`fractions.Fraction` numbers: a float
-  argument means the shortest decimal that round-trips to it (``0.1`` is
-  ``1/10``); pass a ``Fraction`` or a string (``"1/3"``) for anything else.
-  The grid is static (hashable, compared by value): it is pytree metadata of
-  :class:`Codes`, never traced.
-
-  The decoded value of code ``k`` is ``values(grid)[k]``, the ``dtype``
-  value nearest to the exact ``offset + k * step`` (ties to even). The
-  constructor checks that these values are finite, strictly increasing (the
-  dtype can tell all ``levels`` points apart) and not tiny (every nonzero
-  point and every gap at least ``2**-96``, far above float32's denormals).
-
-  Attributes:
-    offset: the lowest point (code 0), exact.
-    step: the spacing Δ > 0, exact.
-    levels: the number of points, ``2 <= levels <= 65536``.
-    dtype: storage dtype of the values: float32, bfloat16 or float16.
-
-  Example:
-    >>> CodeGrid(offset=0, step="0.1", levels=11).hi
-    1.0
-  """
-
-  offset: Fraction
-  step: Fraction
-  levels: int
-  dtype: np.dtype = np.dtype(np.float32)
-
-  def __post_init__(self):
-    where = "CodeGrid"
-    object.__setattr__(self, "offset", _exact("offset", self.offset, where))
-    step = _exact("step", self.step, where)
-    if step <= 0:
-      raise ValueError(
-          f"{where}: step must be > 0; got step={self.step!r}. Pass a "
-          "positive spacing such as step=0.1.")
-    object.__setattr__(self, "step", step)
-    object.__setattr__(self, "levels", _check_levels(self.levels, where))
-    object.__setattr__(self, "dtype", _check_dtype(self.dtype, where))
-    _tables(self)  # validates the value table (and caches it)
-
-  # -- constructors ----------------------------------------------------------
-
-  @classmethod
-  def binary(cls, scale: ArrayLike = 1.0, dtype=jnp.float32) -> "CodeGrid":
-    """The binary grid ``{-scale, +scale}`` (BinaryConnect, the paper's runs).
-
-    Codes: 0 is ``-scale``, 1 is ``+scale``; stored 8 per byte.
-
-    Example:
-      >>> values(binary(0.5))
-      array([-0.5,  0.5], dtype=float32)
-    """
-    s = _positive_scale(scale, "binary")
-    return cls(offset=-s, step=2 * s, levels=2, dtype=dtype)
-
-  @classmethod
-  def ternary(cls, scale: ArrayLike = 1.0, dtype=jnp.float32) -> "CodeGrid":
-    """The ternary grid ``{-scale, 0, +scale}`` (codes 0, 1, 2).
-
-    Example:
-      >>> values(ternary(2.0))
-      array([-2.,  0.,  2.], dtype=float32)
-    """
-    s = _positive_scale(scale, "ternary")
-    return cls(offset=-s, step=s, levels=3, dtype=dtype)
-
-  @classmethod
-  def kbit(cls, bits: int, scale: ArrayLike = 1.0,
-           dtype=jnp.float32) -> "CodeGrid":
-    """The symmetric ``2**bits``-level grid spanning ``[-scale, scale]``.
-
-    Points ``-scale + k * 2 scale / (2**bits - 1)``, ``k = 0 .. 2**bits-1``
-    (zero is never a point; use :func:`uniform` for a grid through zero).
-    ``bits`` is a static integer 1..16 (Python or numpy int); ``bits=1`` is
-    :func:`binary`.
-
-    Example:
-      >>> values(kbit(2, 1.0))
-      array([-1.        , -0.33333334,  0.33333334,  1.        ], dtype=float32)
-    """
-    levels = 2**_check_bits(bits)
-    s = _positive_scale(scale, "kbit")
-    return cls(offset=-s, step=2 * s / (levels - 1), levels=levels,
-               dtype=dtype)
-
-  @classmethod
-  def uniform(cls, step: ArrayLike, lo: ArrayLike, hi: ArrayLike,
-              dtype=jnp.float32) -> "CodeGrid":
-    """The points ``lo, lo + step, ..., hi`` (``hi - lo`` a multiple of step).
-
-    ``hi`` may miss ``lo + n * step`` by at most ``1e-9`` steps (float
-    noise such as ``3 * 0.1``); the top point is then ``lo + n * step``.
-
-    Example:
-      >>> uniform(0.25, lo=-0.5, hi=0.75).levels
-      6
-    """
-    where = "uniform"
-    step_q = _exact("step", step, where)
-    if step_q <= 0:
-      raise ValueError(
-          f"{where}: step must be > 0; got step={step!r}. Pass a positive "
-          "spacing such as step=0.1.")
-    if lo is None or hi is None:
-      raise ValueError(
-          f"{where}: codes need a bounded grid; got lo={lo!r}, hi={hi!r}. "
-          "Pass both, e.g. uniform(0.1, lo=-1, hi=1).")
-    lo_q, hi_q = _exact("lo", lo, where), _exact("hi", hi, where)
-    if not lo_q < hi_q:
-      raise ValueError(
-          f"{where}: need lo < hi; got lo={lo!r}, hi={hi!r}. Swap them or "
-          "widen the range.")
-    n = (hi_q - lo_q) / step_q
-    whole = round(n)
-    if abs(n - whole) > Fraction(1, 10**9):
-      raise ValueError(
-          f"{where}: hi - lo must be a whole number of steps; got lo={lo!r}, "
-          f"hi={hi!r}, step={step!r}, i.e. {float(n):.6g} steps. Pass e.g. "
-          f"hi={_fmt(lo_q + max(math.floor(n), 1) * step_q)} or "
-          f"hi={_fmt(lo_q + math.ceil(n) * step_q)}.")
-    if whole + 1 > MAX_LEVELS:
-      raise ValueError(
-          f"{where}: the grid has {whole + 1} levels (lo={lo!r}, hi={hi!r}, "
-          f"step={step!r}); codes store at most {MAX_LEVELS} (uint16). Use "
-          "a larger step or a narrower range.")
-    return cls(offset=lo_q, step=step_q, levels=whole + 1, dtype=dtype)
-
-  # -- derived ---------------------------------------------------------------
-
-  @property
-  def packed(self) -> bool:
-    """Whether codes are bit-packed (two levels: 8 codes per byte)."""
-    return self.levels == 2
-
-  @property
-  def code_dtype(self) -> np.dtype:
-    """The integer dtype of the stored codes (uint8 or uint16)."""
-    return np.dtype(np.uint8 if self.levels <= 256 else np.uint16)
-
-  @property
-  def lo(self) -> float:
-    """The lowest stored value (code 0), as a Python float."""
-    return float(values(self)[0])
-
-  @property
-  def hi(self) -> float:
-    """The highest stored value (code ``levels - 1``), as a Python float."""
-    return float(values(self)[-1])
-
-  def point(self, k: int) -> Fraction:
-    """The exact (unrounded) point ``offset + k * step``."""
-    return self.offset + k * self.step
-
-  def with_dtype(self, dtype) -> "CodeGrid":
-    """The same exact points stored in another dtype."""
-    return dataclasses.replace(self, dtype=dtype)
-
-  def __repr__(self) -> str:
-    return (f"CodeGrid(offset={self.offset}, step={self.step}, "
-            f"levels={self.levels}, dtype={self.dtype.name})")
-
-
-def _positive_scale(scale, where: str) -> Fraction:
-  s = _exact("scale", scale, where)
-  if s <= 0:
-    raise ValueError(
-        f"{where}: scale must be > 0; got scale={scale!r}. Pass a positive "
-        "scale such as scale=1.0.")
-  return s
-
-
-binary = CodeGrid.binary
-ternary = CodeGrid.ternary
-kbit = CodeGrid.kbit
-uniform = CodeGrid.uniform
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tables:
-  values: np.ndarray      # storage dtype, read-only
-  values32: np.ndarray    # the same values in float32 (exact)
-  thresholds: np.ndarray  # float32[levels-1]: x >= thresholds[k] -> code > k
-
-
-def _ceil_midpoints_f32(v: np.ndarray) -> np.ndarray:
-  """The smallest float32 >= (v[k] + v[k+1]) / 2, for float64 values ``v``.
-
-  Vectorized: the float64 sum is checked exact with Knuth's TwoSum (then
-  halving is exact too, and numpy's float64 -> float32 cast is correctly
-  rounded); the rare inexact sums fall back to exact Fractions.
-  """
-  a, b = v[:-1], v[1:]
-  s = a + b
-  bb = s - a
-  err = (a - (s - bb)) + (b - bb)
-  m = s / 2
-  c = m.astype(np.float32)
-  c = np.where(c.astype(np.float64) < m,
-               np.nextafter(c, np.float32(np.inf)), c).astype(np.float32)
-  f32 = np.dtype(np.float32)
-  for k in np.flatnonzero(err != 0):
-    c[k] = _round_to((Fraction(a[k]) + Fraction(b[k])) / 2, f32, "ceil")
-  return c
-
-
-@functools.lru_cache(maxsize=512)
-def _tables(grid: CodeGrid) -> _Tables:
-  """The value table and the float32 rounding thresholds of ``grid``."""
-  dtype, levels = grid.dtype, grid.levels
-  _, _, dmax = _format(dtype)
-  lo_q, hi_q = grid.point(0), grid.point(levels - 1)
-  if max(abs(lo_q), abs(hi_q)) > dmax:
-    raise ValueError(
-        f"{grid!r} spans [{_fmt(lo_q)}, {_fmt(hi_q)}], beyond {dtype.name}'s "
-        f"largest finite value {_fmt(dmax)}. Use a smaller scale or range, "
-        "or a wider dtype (float32).")
-  if grid.step < _MIN_MAGNITUDE:
-    raise ValueError(
-        f"{grid!r}: step {_fmt(grid.step)} is below the smallest supported "
-        f"spacing 2**-96 ({_fmt(_MIN_MAGNITUDE)}). Use a larger step.")
-  # Exact points (a + k b) / d with one common denominator d.
-  d = math.lcm(grid.offset.denominator, grid.step.denominator)
-  a = grid.offset.numerator * (d // grid.offset.denominator)
-  b = grid.step.numerator * (d // grid.step.denominator)
-  precision, emin, _ = _format(dtype)
-  out = np.empty(levels, np.float64)
-  for k in range(levels):
-    n = a + k * b
-    if n < 0:
-      out[k] = -_round_magnitude(-n, d, precision, emin, "even")
-    else:
-      out[k] = _round_magnitude(n, d, precision, emin, "even")
-  gaps = np.diff(out)
-  if not np.all(gaps > 0):
-    k = int(np.argmin(gaps > 0))
-    raise ValueError(
-        f"{dtype.name} cannot represent the {levels} distinct points of "
-        f"{grid!r}: points {k} and {k + 1} ({_fmt(grid.point(k))} and "
-        f"{_fmt(grid.point(k + 1))}) both round to {float(out[k])!r} "
-        f"({dtype.name} has {precision} significant bits). Use fewer levels, "
-        "a larger step, or a wider dtype (float16 or float32).")
-  nonzero = np.abs(out[out != 0])
-  if nonzero.min() < 2.0**-96 or gaps.min() < 2.0**-96:
-    raise ValueError(
-        f"{grid!r}: points or gaps below 2**-96 ({_fmt(_MIN_MAGNITUDE)}) "
-        "are not supported (float32 denormals behave differently on "
-        "different backends). Use a larger scale or offset.")
-  table = out.astype(dtype)
-  assert np.array_equal(table.astype(np.float64), out)
-  table.setflags(write=False)
-  values32 = out.astype(np.float32)
-  values32.setflags(write=False)
-  # Round-to-nearest in float32 by comparisons only: code > k iff
-  # x >= thresholds[k], the smallest float32 >= the exact midpoint between
-  # values k and k+1 (ties round up, towards +inf).
-  thresholds = _ceil_midpoints_f32(out)
-  assert np.all((thresholds == 0) | (np.abs(thresholds) >= _F32_TINY))
-  thresholds.setflags(write=False)
-  return _Tables(table, values32, thresholds)
-
-
-def values(grid: CodeGrid) -> np.ndarray:
-  """The value table: entry ``k`` is the decoded value of code ``k``.
-
-  ``values(grid)[k]`` is the ``grid.dtype`` value nearest to the exact real
-  number ``offset + k * step`` (ties to even), computed on the host in exact
-  integer arithmetic. The table is strictly increasing; a symmetric grid's
-  table is exactly symmetric (``v[k] == -v[levels - 1 - k]``).
-
-  Args:
-    grid: a :class:`CodeGrid`.
-
-  Returns:
-    A read-only numpy array of shape ``(levels,)`` and dtype ``grid.dtype``.
-
-  Example:
-    >>> float(values(uniform(0.1, lo=0, hi=1, dtype=jnp.bfloat16))[-1])
-    1.0
-  """
-  if not isinstance(grid, CodeGrid):
-    raise TypeError(f"values expects a CodeGrid; got {type(grid).__name__}.")
-  return _tables(grid).values
-
-
-# ----------------------------------------------------------------------------
-# The quantized array.
-# ----------------------------------------------------------------------------
+def packed(grid: Grid) -> bool:
+  """Whether ``grid``'s codes are bit-packed (two levels: 8 per byte)."""
+  return grid.levels == 2
 
 
 def _n_elements(shape: tuple[int, ...]) -> int:
@@ -522,13 +66,26 @@ def _packed_size(shape: tuple[int, ...]) -> int:
   return -(-_n_elements(shape) // 8)
 
 
+def _check_bounded(grid, where: str) -> Grid:
+  if not isinstance(grid, Grid):
+    raise TypeError(
+        f"{where} expects a qjax.Grid (e.g. Grid.binary(1.0)); got "
+        f"{type(grid).__name__}.")
+  if not grid.bounded:
+    raise ValueError(
+        f"{where}: codes need a bounded grid (a finite number of levels); "
+        f"got {grid!r}. Use e.g. Grid.uniform(step, lo=-1, hi=1).")
+  return grid
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class Codes:
-  """A quantized array: integer codes plus their :class:`CodeGrid`.
+  """A quantized array: integer codes on a bounded :class:`qjax.Grid`.
 
-  A pytree whose only leaf is ``data`` (the stored codes); ``grid`` and the
-  logical ``shape`` are static metadata. Storage of an array of shape
-  ``shape``:
+  A pytree whose leaves are ``data`` (the stored codes) and the grid's
+  ``scale`` when it has one; the grid's static fields, the logical ``shape``
+  and the storage ``dtype`` of the decoded values are static metadata.
+  Storage of an array of shape ``shape``:
 
   * two-level grids: ``uint8[ceil(n / 8)]``, the codes of the C-order
     flattened array, element ``8 j + i`` in bit ``i`` (least significant
@@ -543,62 +100,68 @@ class Codes:
 
   Attributes:
     data: the stored codes (a ``jax.Array``).
-    grid: the :class:`CodeGrid`.
+    grid: the :class:`qjax.Grid` (bounded).
     shape: the logical shape of one array (without batch axes).
+    dtype: the storage dtype of the decoded values (float32, bfloat16 or
+      float16).
   """
 
-  __slots__ = ("data", "grid", "shape")
+  __slots__ = ("data", "grid", "shape", "dtype")
 
-  def __init__(self, data, grid: CodeGrid, shape):
-    if not isinstance(grid, CodeGrid):
-      raise TypeError(f"Codes needs a CodeGrid; got {type(grid).__name__}.")
+  def __init__(self, data, grid: Grid, shape, dtype=np.float32):
+    grid = _check_bounded(grid, "Codes")
+    dtype = check_dtype(dtype, "Codes")
+    values(grid, dtype)  # the grid must be representable in dtype
     shape = tuple(int(s) for s in shape)
     data = jnp.asarray(data)
-    if data.dtype != grid.code_dtype:
+    want = code_dtype(grid)
+    if data.dtype != want:
       raise ValueError(
-          f"Codes for {grid!r} are stored as {grid.code_dtype.name}; got "
-          f"data of dtype {data.dtype}. Build codes with pack(k, grid).")
-    tail = (_packed_size(shape),) if grid.packed else shape
-    if data.shape[data.ndim - len(tail):] != tail or data.ndim < len(tail):
+          f"Codes for {grid!r} are stored as {want.name}; got data of dtype "
+          f"{data.dtype}. Build codes with pack(k, grid).")
+    tail = (_packed_size(shape),) if packed(grid) else shape
+    if data.ndim < len(tail) or data.shape[data.ndim - len(tail):] != tail:
       raise ValueError(
           f"Codes of shape {shape} for {grid!r} store data of shape "
           f"(..., {', '.join(map(str, tail))}); got {data.shape}.")
-    self.data, self.grid, self.shape = data, grid, shape
+    self.data, self.grid, self.shape, self.dtype = data, grid, shape, dtype
 
   def tree_flatten_with_keys(self):
-    return ((jax.tree_util.GetAttrKey("data"), self.data),), (self.grid,
-                                                               self.shape)
+    return (((jax.tree_util.GetAttrKey("data"), self.data),
+             (jax.tree_util.GetAttrKey("grid"), self.grid)),
+            (self.shape, self.dtype))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     # No checks: tree utilities rebuild pytrees with placeholders as leaves.
     obj = object.__new__(cls)
-    obj.data, (obj.grid, obj.shape) = children[0], aux
+    obj.data, obj.grid = children
+    obj.shape, obj.dtype = aux
     return obj
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
     """Leading (batch) axes of ``data`` beyond one array's storage."""
-    tail = 1 if self.grid.packed else len(self.shape)
+    tail = 1 if packed(self.grid) else len(self.shape)
     return tuple(self.data.shape[:self.data.ndim - tail])
 
   def __repr__(self) -> str:
+    data = getattr(self.data, "dtype", None)
+    data = (f"{data.name}{list(self.data.shape)}" if data is not None
+            else repr(self.data))
     return (f"Codes(shape={self.shape}, grid={self.grid!r}, "
-            f"data={self.data.dtype.name}{list(self.data.shape)})")
+            f"dtype={self.dtype.name}, data={data})")
+
+
+def is_codes(x) -> bool:
+  """Whether ``x`` is a :class:`Codes` (for ``is_leaf`` in tree maps)."""
+  return isinstance(x, Codes)
 
 
 def _check_codes(codes, where: str) -> Codes:
   if not isinstance(codes, Codes):
     raise TypeError(f"{where} expects Codes; got {type(codes).__name__}.")
   return codes
-
-
-def _check_grid(grid, where: str) -> CodeGrid:
-  if not isinstance(grid, CodeGrid):
-    raise TypeError(
-        f"{where} expects a qjax.codes.CodeGrid (e.g. codes.binary(1.0)); "
-        f"got {type(grid).__name__}.")
-  return grid
 
 
 def pack_bits(bits: ArrayLike, batch_ndim: int = 0) -> jax.Array:
@@ -656,7 +219,7 @@ def unpack_bits(packed: ArrayLike, shape: tuple[int, ...]) -> jax.Array:
   return bits.reshape(batch + shape)
 
 
-def pack(k: ArrayLike, grid: CodeGrid) -> Codes:
+def pack(k: ArrayLike, grid: Grid, dtype=np.float32) -> Codes:
   """Codes from integer code indices ``k`` in ``[0, grid.levels)``.
 
   Indices are not clipped (use :func:`step_codes` for clipped updates);
@@ -664,16 +227,14 @@ def pack(k: ArrayLike, grid: CodeGrid) -> Codes:
 
   Args:
     k: an integer array of code indices (its shape is the logical shape).
-    grid: the :class:`CodeGrid` the codes refer to.
-
-  Returns:
-    :class:`Codes` of ``k.shape``.
+    grid: the bounded :class:`qjax.Grid` the codes refer to.
+    dtype: the storage dtype of the decoded values.
 
   Example:
-    >>> unpack(pack(jnp.array([2, 0, 1]), ternary(1.0)))
+    >>> unpack(pack(jnp.array([2, 0, 1]), Grid.ternary(1.0)))
     Array([2, 0, 1], dtype=int32)
   """
-  grid = _check_grid(grid, "pack")
+  grid = _check_bounded(grid, "pack")
   k = jnp.asarray(k)
   if not (jnp.issubdtype(k.dtype, jnp.integer) or k.dtype == jnp.bool_):
     raise TypeError(
@@ -685,27 +246,27 @@ def pack(k: ArrayLike, grid: CodeGrid) -> Codes:
       raise ValueError(
           f"pack: codes of {grid!r} lie in [0, {grid.levels - 1}]; got "
           f"indices in [{lo}, {hi}]. Clip them first (see step_codes).")
-  return _from_indices(k, grid)
+  return from_indices(k, grid, dtype)
 
 
-def _from_indices(k: jax.Array, grid: CodeGrid, batch_ndim: int = 0) -> Codes:
+def from_indices(k: jax.Array, grid: Grid, dtype=np.float32,
+                 batch_ndim: int = 0) -> Codes:
+  """Codes from in-range int indices (no checks; traceable)."""
   shape = tuple(k.shape[batch_ndim:])
-  if grid.packed:
+  if packed(grid):
     data = pack_bits(k, batch_ndim)
   else:
-    data = k.astype(grid.code_dtype)
-  return Codes(data, grid, shape)
+    data = k.astype(code_dtype(grid))
+  obj = object.__new__(Codes)
+  obj.data, obj.grid, obj.shape, obj.dtype = data, grid, shape, check_dtype(
+      dtype, "Codes")
+  return obj
 
 
 def unpack(codes: Codes) -> jax.Array:
-  """The code indices ``k`` as ``int32[*batch, *shape]``.
-
-  Example:
-    >>> unpack(encode_nearest(jnp.array([-1.0, 1.0]), binary(1.0)))
-    Array([0, 1], dtype=int32)
-  """
+  """The code indices ``k`` as ``int32[*batch, *shape]``."""
   codes = _check_codes(codes, "unpack")
-  if codes.grid.packed:
+  if packed(codes.grid):
     k = unpack_bits(codes.data, codes.shape)
   else:
     k = codes.data
@@ -713,49 +274,39 @@ def unpack(codes: Codes) -> jax.Array:
 
 
 def decode(codes: Codes) -> jax.Array:
-  """The values of ``codes``: a gather from the grid's value table.
+  """The values of ``codes``: a gather from the grid's stored points.
 
-  ``decode(c)[i] = values(c.grid)[k_i]``, a pure table lookup (bit
-  unpacking, then a gather from a constant), so it gives the same bits
-  eagerly, under ``jit`` and under ``vmap``, on every backend. Codes beyond
-  ``levels - 1`` (possible only in hand-made data) read the top value.
-
-  Args:
-    codes: :class:`Codes`.
+  ``decode(c)[i]`` is point ``k_i`` of ``c.grid`` stored in ``c.dtype``: the
+  value-table entry (:func:`qjax.grid.values`) for an unscaled grid, a pure
+  table lookup that gives the same bits eagerly, under ``jit`` and ``vmap``,
+  on every backend; ``fl_dtype(fl32(values32[k] * scale))`` for a scaled
+  grid. Codes beyond ``levels - 1`` (possible only in hand-made data) read
+  the top value.
 
   Returns:
-    An array of shape ``codes.batch_shape + codes.shape`` and dtype
-    ``codes.grid.dtype``.
+    An array of shape ``codes.batch_shape + codes.shape``, dtype
+    ``codes.dtype``.
 
   Example:
-    >>> decode(pack(jnp.array([0, 2]), ternary(0.5)))
+    >>> decode(pack(jnp.array([0, 2]), Grid.ternary(0.5)))
     Array([-0.5,  0.5], dtype=float32)
   """
   codes = _check_codes(codes, "decode")
-  table = jnp.asarray(values(codes.grid))
-  k = codes.data if not codes.grid.packed else unpack_bits(codes.data,
-                                                           codes.shape)
-  return jnp.take(table, k.astype(jnp.int32), mode="clip")
+  return Points(codes.grid, codes.dtype).value(unpack(codes)).astype(
+      codes.dtype)
 
 
 def nbytes(codes: Codes) -> int:
   """Bytes the stored codes take (``codes.data.nbytes``, padding included).
 
-  Example:
-    >>> nbytes(encode_nearest(jnp.zeros((3, 5)), binary(1.0)))
-    2
+  The scale of a scaled grid (4 bytes per array) is not counted here.
   """
   codes = _check_codes(codes, "nbytes")
   return int(math.prod(codes.data.shape)) * codes.data.dtype.itemsize
 
 
 def bits_per_weight(codes: Codes) -> float:
-  """Stored bits per logical weight: 1.0 for binary (up to padding), 8, 16.
-
-  Example:
-    >>> bits_per_weight(encode_nearest(jnp.zeros((64, 64)), binary(1.0)))
-    1.0
-  """
+  """Stored bits per logical weight: 1.0 for binary (up to padding), 8, 16."""
   codes = _check_codes(codes, "bits_per_weight")
   n = math.prod(codes.batch_shape) * _n_elements(codes.shape)
   if n == 0:
@@ -768,57 +319,37 @@ def bits_per_weight(codes: Codes) -> float:
 # ----------------------------------------------------------------------------
 
 
-def _as_float32(x: ArrayLike, where: str) -> jax.Array:
-  """``x`` in float32, with float32 denormals set to zero explicitly.
+def encode_nearest(x: ArrayLike, grid: Grid, dtype=None) -> Codes:
+  """Deterministic rounding ``Q_d``: the code of the nearest stored point.
 
-  XLA:CPU flushes denormals in comparisons; flushing them ourselves makes
-  the result the same on every backend.
-  """
-  x = jnp.asarray(x)
-  if not (jnp.issubdtype(x.dtype, jnp.floating)
-          or jnp.issubdtype(x.dtype, jnp.integer)):
-    raise TypeError(
-        f"{where} expects a real (float or integer) array; got dtype "
-        f"{x.dtype}.")
-  x = x.astype(jnp.float32)
-  return jnp.where(jnp.abs(x) < _F32_TINY, jnp.float32(0), x)
-
-
-def _searchsorted(table: np.ndarray, x: jax.Array) -> jax.Array:
-  """How many entries of the sorted ``table`` are <= ``x``."""
-  method = "compare_all" if table.size <= 64 else "scan"
-  return jnp.searchsorted(jnp.asarray(table), x, side="right", method=method)
-
-
-def encode_nearest(x: ArrayLike, grid: CodeGrid) -> Codes:
-  """Deterministic rounding ``Q_d``: the code of the nearest table value.
-
-  ``k = argmin_k |x - values(grid)[k]|``, ties (``x`` exactly half way
-  between two values) to the upper one, so on a binary grid ``0`` encodes
-  as ``+scale`` like :func:`qjax.sign`. Values beyond the ends encode as
-  the end codes; NaN encodes as code 0. The decision is exact: ``x`` (cast
-  to float32, losslessly for bf16/f16 inputs) is compared with precomputed
-  float32 thresholds, the exact midpoints rounded up, so there is no
-  arithmetic that a compiler could evaluate differently. Float32 denormal
-  inputs count as zero. Idempotent: ``encode_nearest(decode(c)) == c``.
+  Ties (``x`` exactly half way between two stored points) go to the upper
+  one, so on a binary grid ``0`` encodes as ``+scale`` like
+  :func:`qjax.sign`. Values beyond the ends encode as the end codes; NaN
+  encodes as code 0. For an unscaled grid the decision is exact: ``x``
+  (cast to float32, losslessly for bf16/f16 inputs) is compared with
+  precomputed float32 thresholds, the exact midpoints rounded up. Float32
+  denormal inputs count as zero. Idempotent:
+  ``encode_nearest(decode(c)) == c``.
 
   Args:
     x: a real array (float or integer) of any shape.
-    grid: the :class:`CodeGrid`.
-
-  Returns:
-    :class:`Codes` of ``x.shape``.
-
-  Example:
-    >>> decode(encode_nearest(jnp.array([0.26, 0.24, -3.0]),
-    ...                       uniform(0.5, lo=-1, hi=1)))
-    Array([ 0.5,  0. , -1. ], dtype=float32)
+    grid: a bounded :class:`qjax.Grid`.
+    dtype: storage dtype of the decoded values (default: ``x``'s dtype if
+      it is bfloat16 or float16, else float32).
   """
-  grid = _check_grid(grid, "encode_nearest")
-  x = _as_float32(x, "encode_nearest")
-  k = _searchsorted(_tables(grid).thresholds, x)
-  k = jnp.where(jnp.isnan(x), 0, k)
-  return _from_indices(k, grid)
+  grid = _check_bounded(grid, "encode_nearest")
+  dtype = _default_dtype(x, dtype)
+  x = as_float32(x, "encode_nearest")
+  return from_indices(Points(grid, dtype).nearest(x), grid, dtype)
+
+
+def _default_dtype(x, dtype):
+  if dtype is not None:
+    return check_dtype(dtype, "codes")
+  dt = getattr(x, "dtype", None)
+  if dt is not None and np.dtype(dt).name in ("bfloat16", "float16"):
+    return check_dtype(dt, "codes")
+  return np.dtype(np.float32)
 
 
 def _as_key(key, where: str):
@@ -847,47 +378,32 @@ def _as_key(key, where: str):
       " For a batch of keys, jax.vmap over them.")
 
 
-def encode_stochastic(key, x: ArrayLike, grid: CodeGrid) -> Codes:
-  """Stochastic rounding ``Q_s`` onto the table (Li et al. 2017, Eq. 3).
+def encode_stochastic(key, x: ArrayLike, grid: Grid, dtype=None) -> Codes:
+  """Stochastic rounding ``Q_s`` onto the stored points (Li et al., Eq. 3).
 
-  With ``lo <= x < hi`` the neighbouring table values (codes ``k``,
+  With ``lo <= x < hi`` the neighbouring stored points (codes ``k``,
   ``k + 1``), returns code ``k + 1`` with probability
   ``p = (x - lo) / (hi - lo)`` and ``k`` otherwise, so
   ``E[decode(Q_s(x))] = x`` and ``Var = (hi - lo)**2 p (1 - p)`` with respect
   to the *stored* values. ``p`` is computed in float32 and clipped to
-  ``[0, 1]``: beyond the ends ``x`` encodes as the end code, a table value
-  encodes as itself (``p = 0``). Each element compares ``p`` with its own 32
-  random bits: ``P(up) = ceil(p 2**32) / 2**32``, within ``2**-32`` of ``p``.
-  NaN encodes as code 0; float32 denormal inputs count as zero.
+  ``[0, 1]``: beyond the ends ``x`` encodes as the end code, a stored point
+  encodes as itself. Each element compares ``p`` with its own 32 random
+  bits: ``P(up) = ceil(p 2**32) / 2**32``, within ``2**-32`` of ``p``. NaN
+  encodes as its lower bracket code; float32 denormal inputs count as zero.
 
   Args:
     key: one ``jax.random`` key (typed, or raw ``uint32[2]``) or an int
       seed; the same key gives the same codes bit for bit.
     x: a real array of any shape.
-    grid: the :class:`CodeGrid`.
-
-  Returns:
-    :class:`Codes` of ``x.shape``.
-
-  Example:
-    >>> c = encode_stochastic(0, jnp.full((100000,), 0.25), binary(1.0))
-    >>> abs(float(decode(c).mean()) - 0.25) < 0.02   # 5 sigma is 0.015
-    True
+    grid: a bounded :class:`qjax.Grid`.
+    dtype: storage dtype of the decoded values (as in :func:`encode_nearest`).
   """
-  grid = _check_grid(grid, "encode_stochastic")
+  grid = _check_bounded(grid, "encode_stochastic")
   key = _as_key(key, "encode_stochastic")
-  x = _as_float32(x, "encode_stochastic")
-  tables = _tables(grid)
-  v = jnp.asarray(tables.values32)
-  k = jnp.clip(_searchsorted(tables.values32, x) - 1, 0, grid.levels - 2)
-  lo, hi = v[k], v[k + 1]
-  p = jnp.clip((x - lo) / (hi - lo), 0.0, 1.0)
+  dtype = _default_dtype(x, dtype)
+  x = as_float32(x, "encode_stochastic")
   bits = jax.random.bits(key, x.shape, jnp.uint32)
-  # p < 1 is at most 1 - 2**-24, so ceil(p * 2**32) < 2**32 fits uint32.
-  threshold = jnp.ceil(jnp.where(p < 1, p, 0) * jnp.float32(2.0**32))
-  up = (p >= 1) | (bits < threshold.astype(jnp.uint32))
-  k = jnp.where(jnp.isnan(x), 0, k + up.astype(k.dtype))
-  return _from_indices(k, grid)
+  return from_indices(Points(grid, dtype).stochastic(bits, x), grid, dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -901,19 +417,6 @@ def step_codes(codes: Codes, delta_k: ArrayLike) -> Codes:
   ``k' = clip(k + delta_k, 0, levels - 1)`` in int32 (``delta_k`` is first
   clipped to ``[-levels, levels]``, so nothing overflows), then stored again.
   Exact integer arithmetic: ``step_codes(c, 0)`` is ``c`` bit for bit.
-
-  Args:
-    codes: :class:`Codes`.
-    delta_k: an integer array broadcastable to
-      ``codes.batch_shape + codes.shape``.
-
-  Returns:
-    :class:`Codes` on the same grid and shape.
-
-  Example:
-    >>> c = pack(jnp.array([0, 1, 2]), ternary(1.0))
-    >>> unpack(step_codes(c, jnp.array([-1, 5, -1])))
-    Array([0, 2, 1], dtype=int32)
   """
   codes = _check_codes(codes, "step_codes")
   delta = jnp.asarray(delta_k)
@@ -931,4 +434,125 @@ def step_codes(codes: Codes, delta_k: ArrayLike) -> Codes:
   delta = jnp.clip(delta, max(int(info.min), -levels),
                    min(int(info.max), levels))
   k = jnp.clip(k + delta.astype(jnp.int32), 0, levels - 1)
-  return _from_indices(k, codes.grid, batch_ndim=len(codes.batch_shape))
+  return from_indices(k, codes.grid, codes.dtype,
+                      batch_ndim=len(codes.batch_shape))
+
+
+def update(old: Codes, new: Codes) -> Codes:
+  """The update that ``optax.apply_updates(old, update)`` turns into ``new``.
+
+  A :class:`Codes` whose ``data`` is ``new.data - old.data`` modulo 256 (or
+  65536) byte by byte: ``old.data + update.data`` wraps around to exactly
+  ``new.data``, packed bytes included. The grid's scale gets a zero update.
+  Both must have the same grid, shape and dtype.
+  """
+  _check_codes(old, "update")
+  _check_codes(new, "update")
+  if (old.grid.unscaled() != new.grid.unscaled() or old.shape != new.shape
+      or old.dtype != new.dtype):
+    raise ValueError(
+        f"update: codes differ in grid, shape or dtype: {old!r} vs {new!r}.")
+  delta = new.data - old.data  # unsigned: wraps modulo 2**bits
+  grid = old.grid
+  if grid.scale is not None:
+    grid = Grid.tree_unflatten(
+        (grid.offset, grid.step, grid.levels, True),
+        (jnp.zeros_like(jnp.asarray(grid.scale, jnp.float32)),))
+  obj = object.__new__(Codes)
+  obj.data, obj.grid, obj.shape, obj.dtype = delta, grid, old.shape, old.dtype
+  return obj
+
+
+# ----------------------------------------------------------------------------
+# Trees.
+# ----------------------------------------------------------------------------
+
+
+def decode_tree(tree: PyTree) -> PyTree:
+  """``tree`` with every :class:`Codes` decoded to its float values.
+
+  Other leaves are returned as they are; this is the forward-pass view of a
+  parameter tree that stores some leaves as codes.
+  """
+  return jax.tree.map(lambda x: decode(x) if is_codes(x) else x, tree,
+                      is_leaf=is_codes)
+
+
+def encode_tree(params: PyTree, grids: PyTree, key=None) -> PyTree:
+  """Masked leaves of ``params`` as :class:`Codes` (nearest, or ``Q_s``).
+
+  Args:
+    params: a float parameter tree.
+    grids: a tree like ``params`` holding a bounded Grid for every leaf to
+      encode and ``None`` elsewhere (see :func:`qjax.quantizers.leaf_grids`).
+    key: ``None`` for round-to-nearest, else a key for stochastic rounding
+      (split into one key per leaf).
+
+  Each leaf keeps its dtype as the codes' storage dtype (bfloat16 and
+  float16 stay; other floats decode as float32).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  grid_leaves = treedef.flatten_up_to(grids)
+  keys = ([None] * len(leaves) if key is None
+          else list(jax.random.split(_as_key(key, "encode_tree"),
+                                     len(leaves))))
+  out = []
+  for k, leaf, g in zip(keys, leaves, grid_leaves):
+    if g is None:
+      out.append(leaf)
+    elif k is None:
+      out.append(encode_nearest(leaf, g))
+    else:
+      out.append(encode_stochastic(k, leaf, g))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tree_nbytes(tree: PyTree, select: Callable[[Any], bool] | None = None
+                ) -> int:
+  """Total bytes of the arrays in ``tree`` (codes counted as stored)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if select is None or select(leaf):
+      total += int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+# ----------------------------------------------------------------------------
+# Flax state dicts (checkpoints): codes are their stored arrays.
+# ----------------------------------------------------------------------------
+
+
+def _grid_to_state(grid: Grid) -> dict:
+  return {} if grid.scale is None else {"scale": grid.scale}
+
+
+def _grid_from_state(target: Grid, state: dict) -> Grid:
+  if target.scale is None:
+    return target
+  return Grid.tree_unflatten(
+      (target.offset, target.step, target.levels, True), (state["scale"],))
+
+
+def _codes_to_state(c: Codes) -> dict:
+  out = {"data": c.data}
+  out.update(_grid_to_state(c.grid))
+  return out
+
+
+def _codes_from_state(target: Codes, state: dict) -> Codes:
+  obj = object.__new__(Codes)
+  obj.data = state["data"]
+  obj.grid = _grid_from_state(target.grid, state)
+  obj.shape, obj.dtype = target.shape, target.dtype
+  return obj
+
+
+def _register_serialization():
+  from flax import serialization  # flax is a dependency of qjax
+  serialization.register_serialization_state(
+      Codes, _codes_to_state, _codes_from_state, override=True)
+  serialization.register_serialization_state(
+      Grid, _grid_to_state, _grid_from_state, override=True)
+
+
+_register_serialization()

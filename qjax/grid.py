@@ -1,267 +1,823 @@
-"""Uniform quantization grids.
+"""Quantization grids, exactly as asked for.
 
-A grid is the set of points ``offset + k * step`` for integer ``k``, optionally
-restricted to ``[lo, hi]``. Every quantizer in qjax takes a :class:`Grid`.
+A :class:`Grid` is the set of points ``offset + k * step``: ``k = 0 ..
+levels - 1`` for a bounded grid (binary, ternary, k-bit, uniform on
+``[lo, hi]``), every integer ``k`` for an unbounded one (the paper's ``ΔZ``).
+``offset`` and ``step`` are exact rational numbers (:class:`fractions.Fraction`;
+a float argument means the shortest decimal that round-trips to it, so
+``0.1`` is ``1/10``), and nothing ever moves a grid to make arithmetic
+convenient.
 
-The numeric fields are JAX arrays (or Python floats), never static Python
-branches, so a sweep can ``vmap`` over the spacing or the scale without
-recompiling. Whether a grid is bounded is part of its pytree structure
-(``lo``/``hi`` are ``None`` for an unbounded grid), so it is static.
+Stored points. In a floating-point dtype (float32, bfloat16, float16) point
+``k`` of a bounded grid is the dtype value nearest to the exact real number
+``offset + k * step`` (ties to even), computed once on the host in exact
+integer arithmetic (:func:`values`). So a point the dtype can represent
+(``1.0``, ``0.5``) is exactly that value, a symmetric grid is exactly
+symmetric, and ``kbit(b)`` has exactly ``2**b`` distinct levels in every
+dtype that can hold them (otherwise: a clear error). Every rounding decision
+against these points is made by comparisons with precomputed float32
+thresholds, so it is the same bits eagerly, under ``jit`` and ``vmap`` and on
+every backend.
+
+Traced sizes. A sweep that varies a grid's size (its scale or Δ) without
+recompiling multiplies a static grid by a traced ``scale``
+(:meth:`Grid.scaled`): the points are then
+``fl_dtype(fl32(values32[k] * scale))``, i.e. the float32 table value times
+the scale rounded once to float32, then to the storage dtype; within one
+float32 rounding (2**-24 relative, plus the storage dtype's own rounding) of
+the exact ``scale * (offset + k * step)``, and still exactly symmetric for a
+symmetric grid (negation is exact). Unbounded grids have no table: point
+``k`` is ``fl32(o + k * d)`` with ``o = fl32(offset) * scale``,
+``d = fl32(step) * scale`` (each rounded to float32), within about three
+float32 roundings of the exact point. The scale is the grid's only pytree
+leaf; everything else is static.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import decimal
+import functools
 import math
+import numbers
+from fractions import Fraction
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 ArrayLike = Any
 
+MAX_LEVELS = 2**16
+"""The most levels a bounded grid may have (codes are at most ``uint16``)."""
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Grid points and spacings below this magnitude are refused: float32
+# denormals are flushed to zero by some backends (XLA:CPU compares them as 0),
+# so arithmetic near them would depend on the program.
+_MIN_MAGNITUDE = Fraction(2)**-96
+
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+F32_TINY = float(np.finfo(np.float32).tiny)
 
 
-def _concrete(value: ArrayLike) -> np.ndarray | None:
-  """A numpy copy of a concrete number, or None (traced, placeholder, None).
+# ----------------------------------------------------------------------------
+# Exact host-side numbers.
+# ----------------------------------------------------------------------------
 
-  Grid fields may be tracers under ``jit``/``vmap`` or arbitrary objects when
-  a tree utility rebuilds a Grid; those are not checked here.
+
+def exact(name: str, value: Any, where: str) -> Fraction:
+  """``value`` as an exact rational number.
+
+  A Python float (or a numpy float32/float16/float64) means the shortest
+  decimal that round-trips to it, so ``0.1`` is ``1/10``; ints, strings
+  (``"0.1"``, ``"1/10"``), ``Decimal`` and ``Fraction`` are taken as they
+  are; other floats (bfloat16 scalars) by their exact binary value.
   """
-  if value is None or isinstance(value, jax.core.Tracer):
-    return None
-  if not isinstance(value, (int, float, np.ndarray, np.generic, jax.Array)):
-    return None
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"{where} needs a concrete {name} (the grid's points are computed "
+        f"exactly on the host); got a traced value {name}={value}. Build the "
+        "grid outside jit/vmap with a Python number, and sweep its size with "
+        "grid.scaled(s), which may be traced.")
+  if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+    value = np.asarray(value)[()]
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{where}: {name} must be a number; got {name}={value!r}.")
   try:
-    return np.asarray(jax.device_get(value), dtype=np.float64)
-  except Exception:  # pragma: no cover - exotic array types
-    return None
-
-
-def _check_positive(name: str, value: ArrayLike) -> None:
-  concrete = _concrete(value)
-  if concrete is None:
-    return
-  if not np.all(np.isfinite(concrete)) or not np.all(concrete > 0):
+    if isinstance(value, Fraction):
+      q = value
+    elif isinstance(value, (int, np.integer)):
+      q = Fraction(int(value))
+    elif isinstance(value, str):
+      q = Fraction(value.strip())
+    elif isinstance(value, decimal.Decimal):
+      if not value.is_finite():
+        raise ValueError
+      q = Fraction(value)
+    elif isinstance(value, (float, np.float64, np.float32, np.float16)):
+      if not math.isfinite(float(value)):
+        raise ValueError
+      q = Fraction(np.format_float_positional(value, unique=True, trim="0"))
+    elif (isinstance(value, numbers.Real) or
+          (isinstance(value, np.generic)
+           and jnp.issubdtype(value.dtype, jnp.floating))):
+      if not math.isfinite(float(value)):
+        raise ValueError
+      q = Fraction(float(value))
+    else:
+      raise TypeError
+  except (ValueError, TypeError, ZeroDivisionError, OverflowError):
     raise ValueError(
-        f"Grid {name} must be a finite number > 0; got {name}={concrete!r}. "
-        f"Pass a positive spacing/scale such as {name}=0.1.")
+        f"{where}: {name} must be a finite real number (a Python or numpy "
+        f"number, a decimal string or a Fraction); got {name}={value!r}."
+    ) from None
+  return q
 
 
-def _check_fits_float32(what: str, value: ArrayLike, fix: str) -> None:
-  """Grid arithmetic runs in float32: ``value`` must not overflow it."""
-  concrete = _concrete(value)
-  if concrete is None or not np.all(np.isfinite(concrete)):
-    return  # non-finite values are reported by the finiteness checks
-  if np.any(np.abs(concrete) > _FLOAT32_MAX):
+def _format(dtype: np.dtype) -> tuple[int, int, Fraction]:
+  """(significand bits incl. the implicit one, min normal exponent, max)."""
+  info = ml_dtypes.finfo(dtype)
+  return info.nmant + 1, int(info.minexp), Fraction(float(info.max))
+
+
+def _round_magnitude(num: int, den: int, precision: int, emin: int,
+                     mode: str) -> float:
+  """The binary float nearest to ``num / den >= 0`` (exact integer maths).
+
+  Args:
+    num, den: the rational number, ``num >= 0``, ``den > 0``.
+    precision: significand bits (24 for float32, 8 bf16, 11 f16).
+    emin: exponent of the smallest normal number (subnormals below it).
+    mode: ``"even"`` (nearest, ties to even), ``"floor"`` or ``"ceil"``.
+
+  Returns:
+    The result as a Python float (exact; no overflow check).
+  """
+  if num == 0:
+    return 0.0
+  e = num.bit_length() - den.bit_length()
+  if (num << -e if e < 0 else num) < (den << e if e > 0 else den):
+    e -= 1  # now 2**e <= num/den < 2**(e+1)
+  quantum = max(e, emin) - (precision - 1)
+  if quantum <= 0:
+    m, r = divmod(num << -quantum, den)
+  else:
+    m, r = divmod(num, den << quantum)
+  rem_den = den if quantum <= 0 else den << quantum
+  if mode == "even":
+    if 2 * r > rem_den or (2 * r == rem_den and m % 2):
+      m += 1
+  elif mode == "ceil":
+    m += r != 0
+  return math.ldexp(m, quantum)
+
+
+def round_to(q: Fraction, dtype: np.dtype, mode: str = "even") -> float:
+  """``q`` rounded to ``dtype`` (``even``: nearest; or ``floor``/``ceil``)."""
+  precision, emin, _ = _format(dtype)
+  if q < 0:
+    flip = {"even": "even", "floor": "ceil", "ceil": "floor"}[mode]
+    return -_round_magnitude(-q.numerator, q.denominator, precision, emin,
+                             flip)
+  return _round_magnitude(q.numerator, q.denominator, precision, emin, mode)
+
+
+def _fmt(q: Fraction) -> str:
+  return f"{float(q):.9g}"
+
+
+def check_dtype(dtype, where: str) -> np.dtype:
+  """``dtype`` as one of the supported storage dtypes, or a clear error."""
+  try:
+    dt = np.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or dt.name not in DTYPES:
     raise ValueError(
-        f"Grid {what} must fit in float32 (|x| <= {_FLOAT32_MAX:.3g}), where "
-        f"grid arithmetic runs; got {what}={concrete!r}. {fix}")
+        f"{where}: the storage dtype must be one of {', '.join(DTYPES)}; got "
+        f"dtype={dtype!r}.")
+  return DTYPES[dt.name]
 
 
-def _check_finite(name: str, value: ArrayLike) -> None:
-  concrete = _concrete(value)
-  if concrete is not None and not np.all(np.isfinite(concrete)):
+def _check_levels(levels, where: str) -> int:
+  if (not isinstance(levels, (int, np.integer))
+      or isinstance(levels, (bool, np.bool_))):
     raise ValueError(
-        f"Grid {name} must be finite; got {name}={concrete!r}. Pass a finite "
-        f"number such as {name}=0.0.")
-
-
-def _check_bounds(lo: ArrayLike | None, hi: ArrayLike | None) -> None:
-  if (lo is None) != (hi is None):
+        f"{where}: levels must be an integer between 2 and {MAX_LEVELS}; got "
+        f"levels={levels!r}.")
+  levels = int(levels)
+  if not 2 <= levels <= MAX_LEVELS:
     raise ValueError(
-        f"Grid bounds must be given together; got lo={lo!r}, hi={hi!r}. "
-        "Pass both lo and hi for a bounded grid, or neither.")
-  clo, chi = _concrete(lo), _concrete(hi)
-  if clo is None or chi is None:
-    return
-  if not (np.all(np.isfinite(clo)) and np.all(np.isfinite(chi))):
-    raise ValueError(
-        f"Grid bounds must be finite; got lo={clo!r}, hi={chi!r}. Pass "
-        "finite end points, or neither for an unbounded grid.")
-  if np.any(clo >= chi):
-    raise ValueError(
-        f"Grid needs lo < hi; got lo={clo!r}, hi={chi!r}. "
-        "Swap them or use a wider range.")
-  _check_fits_float32("range hi - lo", chi - clo, "Use a smaller range.")
+        f"{where}: levels must be between 2 and {MAX_LEVELS} (codes are at "
+        f"most uint16); got levels={levels}.")
+  return levels
 
 
 def _check_bits(bits) -> int:
-  """``bits`` as a Python int >= 1: ints, numpy ints, concrete int arrays."""
   concrete = None
   if isinstance(bits, (int, np.integer)) and not isinstance(
       bits, (bool, np.bool_)):
     concrete = int(bits)
   elif (isinstance(bits, (np.ndarray, jax.Array))
         and not isinstance(bits, jax.core.Tracer) and np.ndim(bits) == 0
-        and jnp.issubdtype(bits.dtype, jnp.integer)):
+        and np.issubdtype(bits.dtype, np.integer)):
     concrete = int(bits)
-  if isinstance(bits, jax.core.Tracer):
+  if concrete is None or not 1 <= concrete <= 16:
     raise ValueError(
-        f"Grid.kbit needs a static integer bits >= 1 (it fixes the number of "
-        f"levels); got a traced value bits={bits}. Pass a Python int, or "
-        "sweep the grid's scale instead of its bit count.")
-  if concrete is None or concrete < 1:
-    raise ValueError(
-        f"Grid.kbit needs an integer bits >= 1; got bits={bits!r}. "
-        "Use bits=1 for binary, 2 for four levels, and so on.")
-  if concrete > 24:
-    raise ValueError(
-        f"Grid.kbit supports bits <= 24 (float32 grid indices); got "
-        f"bits={concrete}. Use bits between 1 and 24.")
+        f"kbit: bits must be an integer between 1 and 16 (2**bits levels, "
+        f"at most {MAX_LEVELS}); got bits={bits!r}. Use bits=1 for binary, "
+        "2 for four levels, and so on.")
   return concrete
 
 
-def _check_scale(scale: ArrayLike, points_span: float) -> None:
-  """A constructor's scale: positive, and its points' span fits float32."""
-  _check_positive("scale", scale)
-  concrete = _concrete(scale)
-  if concrete is not None and np.any(points_span * concrete > _FLOAT32_MAX):
+def _positive(name: str, value, where: str) -> Fraction:
+  q = exact(name, value, where)
+  if q <= 0:
     raise ValueError(
-        f"Grid scale is too large: the grid spans {points_span:g} * scale, "
-        f"which overflows float32 (max {_FLOAT32_MAX:.3g}); got "
-        f"scale={concrete!r}. Use scale <= {_FLOAT32_MAX / points_span:.3g}.")
+        f"{where}: {name} must be > 0; got {name}={value!r}. Pass a positive "
+        f"{name} such as {name}=1.0.")
+  return q
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_scale_value(scale):
+  """A concrete scale must be a positive finite number; tracers pass."""
+  if scale is None or isinstance(scale, jax.core.Tracer):
+    return scale
+  if not isinstance(scale, (int, float, np.ndarray, np.generic, jax.Array)):
+    return scale  # a placeholder from a tree utility
+  value = np.asarray(jax.device_get(scale), np.float64)
+  if value.shape != ():
+    raise ValueError(
+        f"Grid.scaled: the scale must be one number (a scalar); got shape "
+        f"{value.shape}. For one scale per lane of a sweep, vmap over them.")
+  if not (np.isfinite(value) and value > 0
+          and value <= float(np.finfo(np.float32).max)):
+    raise ValueError(
+        f"Grid.scaled: the scale must be a finite number > 0 that fits "
+        f"float32; got scale={float(value)!r}.")
+  return jnp.asarray(scale, jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# The grid.
+# ----------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_with_keys_class
 class Grid:
-  """The points ``offset + k * step``, clipped to ``[lo, hi]`` when bounded.
+  """The points ``offset + k * step``; ``k < levels`` when bounded.
 
   Use the constructors :meth:`binary`, :meth:`ternary`, :meth:`kbit` and
-  :meth:`uniform` rather than the raw fields. For a bounded grid ``lo`` and
-  ``hi`` are themselves grid points. Concrete fields are validated on
-  construction (``step`` finite and > 0, ``offset`` finite, ``lo < hi``
-  finite, everything within float32's range); traced fields (under ``jit`` or
-  ``vmap``) are not, and rebuilding a Grid from its pytree leaves skips the
-  checks.
+  :meth:`uniform`. ``offset`` (the lowest point of a bounded grid, code 0)
+  and ``step`` (Δ > 0) are exact :class:`fractions.Fraction` numbers;
+  ``levels`` is the number of points (``None``: unbounded, ``k`` any
+  integer). ``scale`` is an optional multiplier of every point, a float32
+  scalar that may be traced (a swept hyperparameter); see the module
+  docstring for the precision of scaled points.
 
-  Attributes:
-    step: spacing Δ between neighbouring points (> 0).
-    offset: any one grid point; the grid is ``offset + step * Z``.
-    lo: smallest point, or None for an unbounded grid.
-    hi: largest point, or None for an unbounded grid.
+  A grid is a pytree whose only leaf is ``scale`` (none when unscaled); the
+  rest is static. Grids compare equal when their static fields are equal
+  and their scales are both absent, or concrete and equal.
+
+  Example:
+    >>> Grid.uniform(0.1, lo=0, hi=1).levels
+    11
+    >>> values(Grid.kbit(2))
+    array([-1.        , -0.33333334,  0.33333334,  1.        ], dtype=float32)
   """
 
-  step: ArrayLike
-  offset: ArrayLike = 0.0
-  lo: ArrayLike | None = None
-  hi: ArrayLike | None = None
+  __slots__ = ("offset", "step", "levels", "scale")
 
-  def __post_init__(self):
-    # Only concrete values are checked: under jit/vmap the fields are tracers.
-    _check_positive("step", self.step)
-    _check_fits_float32("step", self.step, "Use a smaller spacing or scale.")
-    _check_finite("offset", self.offset)
-    _check_fits_float32("offset", self.offset,
-                        "Use an offset closer to zero (any grid point works).")
-    _check_bounds(self.lo, self.hi)
+  def __init__(self, offset, step, levels: int | None = None, scale=None):
+    where = "Grid"
+    offset = exact("offset", offset, where)
+    step = _positive("step", step, where)
+    if levels is not None:
+      levels = _check_levels(levels, where)
+    if step < _MIN_MAGNITUDE:
+      raise ValueError(
+          f"{where}: step {_fmt(step)} is below the smallest supported "
+          f"spacing 2**-96 ({_fmt(_MIN_MAGNITUDE)}). Use a larger step.")
+    limit = Fraction(float(np.finfo(np.float32).max))
+    span = [offset] if levels is None else [offset,
+                                            offset + (levels - 1) * step]
+    if levels is None:
+      span.append(step)
+    if max(abs(v) for v in span) > limit:
+      raise ValueError(
+          f"{where}: the grid's points (offset {_fmt(offset)}, step "
+          f"{_fmt(step)}) must fit float32 (|x| <= {float(limit):.3g}). Use "
+          "a smaller scale or range.")
+    object.__setattr__(self, "offset", offset)
+    object.__setattr__(self, "step", step)
+    object.__setattr__(self, "levels", levels)
+    object.__setattr__(self, "scale", _check_scale_value(scale))
+    if levels is not None:
+      _tables(offset, step, levels, "float32")  # validates in float32
 
-  @property
-  def bounded(self) -> bool:
-    return self.lo is not None
+  def __setattr__(self, name, value):
+    raise AttributeError(f"Grid is immutable: cannot set {name!r}.")
 
-  def replace(self, **updates) -> "Grid":
-    """A copy with some fields replaced (validated like the constructor)."""
-    return dataclasses.replace(self, **updates)
+  def __reduce__(self):  # pickling and copying rebuild from the pytree parts
+    children, aux = self.tree_flatten_with_keys()
+    return (_rebuild, (aux, tuple(c for _, c in children)))
+
+  def __copy__(self):
+    return self
+
+  def __deepcopy__(self, memo):
+    return self
+
+  # -- pytree ----------------------------------------------------------------
+
+  def tree_flatten_with_keys(self):
+    children = (() if self.scale is None else
+                ((jax.tree_util.GetAttrKey("scale"), self.scale),))
+    return children, (self.offset, self.step, self.levels,
+                      self.scale is not None)
 
   @classmethod
-  def uniform(cls, step: ArrayLike, offset: ArrayLike = 0.0,
-              lo: ArrayLike | None = None,
-              hi: ArrayLike | None = None) -> "Grid":
-    """A grid of spacing ``step`` through ``offset``; bounded if lo/hi given.
+  def tree_unflatten(cls, aux, children):
+    # No checks: tree utilities rebuild pytrees with placeholders as leaves.
+    obj = object.__new__(cls)
+    offset, step, levels, has_scale = aux
+    object.__setattr__(obj, "offset", offset)
+    object.__setattr__(obj, "step", step)
+    object.__setattr__(obj, "levels", levels)
+    object.__setattr__(obj, "scale", children[0] if has_scale else None)
+    return obj
 
-    ``lo`` and ``hi`` should themselves be grid points. With neither, the
-    grid is unbounded (the paper's ``Δ Z`` in its convex analysis).
-
-    Example:
-      >>> g = Grid.uniform(0.1)                     # Δ = 0.1, unbounded
-      >>> g = Grid.uniform(0.25, lo=-1.0, hi=1.0)   # 9 points in [-1, 1]
-    """
-    return cls(step=step, offset=offset, lo=lo, hi=hi)
+  # -- constructors ----------------------------------------------------------
 
   @classmethod
   def binary(cls, scale: ArrayLike = 1.0) -> "Grid":
-    """The binary grid ``{-scale, +scale}`` (BinaryConnect, the paper's runs)."""
-    _check_scale(scale, points_span=2.0)
-    return cls(step=2.0 * jnp.asarray(scale), offset=-jnp.asarray(scale),
-               lo=-jnp.asarray(scale), hi=jnp.asarray(scale))
+    """The binary grid ``{-scale, +scale}`` (BinaryConnect, the paper's runs).
+
+    Codes: 0 is ``-scale``, 1 is ``+scale`` (stored 8 per byte).
+
+    Example:
+      >>> values(Grid.binary(0.5))
+      array([-0.5,  0.5], dtype=float32)
+    """
+    s = _positive("scale", scale, "Grid.binary")
+    return cls(offset=-s, step=2 * s, levels=2)
 
   @classmethod
   def ternary(cls, scale: ArrayLike = 1.0) -> "Grid":
-    """The ternary grid ``{-scale, 0, +scale}``."""
-    _check_scale(scale, points_span=2.0)
-    scale = jnp.asarray(scale)
-    return cls(step=scale, offset=0.0 * scale, lo=-scale, hi=scale)
+    """The ternary grid ``{-scale, 0, +scale}`` (codes 0, 1, 2)."""
+    s = _positive("scale", scale, "Grid.ternary")
+    return cls(offset=-s, step=s, levels=3)
 
   @classmethod
   def kbit(cls, bits: int, scale: ArrayLike = 1.0) -> "Grid":
-    """The symmetric ``2**bits``-level grid on ``[-scale, scale]``.
+    """The symmetric ``2**bits``-level grid spanning ``[-scale, scale]``.
 
-    Points are ``-scale + i * 2 scale / (2**bits - 1)``, ``i = 0..2**bits-1``;
-    ``bits=1`` is :meth:`binary`. Zero is a point only for odd level counts,
-    i.e. never: use :meth:`uniform` for a grid that contains zero. ``bits``
-    is a static integer (a Python or numpy int, or a concrete integer array).
+    Points ``-scale + k * 2 scale / (2**bits - 1)``, ``k = 0 .. 2**bits-1``
+    (zero is never a point; use :meth:`uniform` for a grid through zero).
+    ``bits`` is a static integer 1..16; ``bits=1`` is :meth:`binary`.
     """
-    levels = 2 ** _check_bits(bits)
-    _check_scale(scale, points_span=2.0)
-    scale = jnp.asarray(scale)
-    return cls(step=2.0 * scale / (levels - 1), offset=-scale, lo=-scale,
-               hi=scale)
+    levels = 2**_check_bits(bits)
+    s = _positive("scale", scale, "Grid.kbit")
+    return cls(offset=-s, step=2 * s / (levels - 1), levels=levels)
 
-  def point(self, k, dtype=jnp.float32):
-    """The ideal grid point ``offset + k * step`` (``k`` a float array)."""
-    return jnp.asarray(self.offset, dtype) + k * jnp.asarray(self.step, dtype)
+  @classmethod
+  def uniform(cls, step: ArrayLike, lo: ArrayLike | None = None,
+              hi: ArrayLike | None = None, *,
+              offset: ArrayLike | None = None) -> "Grid":
+    """Spacing ``step``: the points ``lo, lo + step, ..., hi``, or unbounded.
+
+    Bounded (``lo`` and ``hi``): ``hi - lo`` must be a whole number of steps
+    (``hi`` may miss ``lo + n * step`` by at most ``1e-9`` steps, float noise
+    such as ``3 * 0.1``; the top point is then ``lo + n * step``).
+    Unbounded (neither): the points ``offset + step * Z`` (``offset``
+    default 0), the paper's ``ΔZ``.
+
+    Example:
+      >>> Grid.uniform(0.25, lo=-0.5, hi=0.75).levels
+      6
+      >>> Grid.uniform(0.1).bounded
+      False
+    """
+    where = "Grid.uniform"
+    step_q = _positive("step", step, where)
+    if (lo is None) != (hi is None):
+      raise ValueError(
+          f"{where}: pass both lo and hi for a bounded grid, or neither for "
+          f"an unbounded one; got lo={lo!r}, hi={hi!r}.")
+    if lo is None:
+      off = Fraction(0) if offset is None else exact("offset", offset, where)
+      return cls(offset=off, step=step_q, levels=None)
+    if offset is not None:
+      raise ValueError(
+          f"{where}: a bounded grid starts at lo; pass lo and hi without "
+          f"offset (got offset={offset!r}).")
+    lo_q, hi_q = exact("lo", lo, where), exact("hi", hi, where)
+    if not lo_q < hi_q:
+      raise ValueError(
+          f"{where}: need lo < hi; got lo={lo!r}, hi={hi!r}. Swap them or "
+          "widen the range.")
+    n = (hi_q - lo_q) / step_q
+    whole = round(n)
+    if abs(n - whole) > Fraction(1, 10**9):
+      raise ValueError(
+          f"{where}: hi - lo must be a whole number of steps; got lo={lo!r}, "
+          f"hi={hi!r}, step={step!r}, i.e. {float(n):.6g} steps. Pass e.g. "
+          f"hi={_fmt(lo_q + max(math.floor(n), 1) * step_q)} or "
+          f"hi={_fmt(lo_q + math.ceil(n) * step_q)}.")
+    if whole + 1 > MAX_LEVELS:
+      raise ValueError(
+          f"{where}: the grid has {whole + 1} levels (lo={lo!r}, hi={hi!r}, "
+          f"step={step!r}); at most {MAX_LEVELS} are supported (uint16 "
+          "codes). Use a larger step or a narrower range, or an unbounded "
+          "grid.")
+    return cls(offset=lo_q, step=step_q, levels=whole + 1)
+
+  # -- derived ---------------------------------------------------------------
+
+  @property
+  def bounded(self) -> bool:
+    return self.levels is not None
+
+  def scaled(self, scale) -> "Grid":
+    """This grid with every point multiplied by ``scale`` (may be traced).
+
+    ``scale`` is a positive float32 scalar; under ``jit``/``vmap`` it may be
+    a tracer, which is how a sweep varies the grid's size without
+    recompiling. Scaling a scaled grid multiplies the scales (in float32).
+    """
+    if self.scale is not None:
+      scale = jnp.asarray(self.scale, jnp.float32) * jnp.asarray(
+          scale, jnp.float32)
+    obj = Grid.tree_unflatten((self.offset, self.step, self.levels, True),
+                              (_check_scale_value(scale),))
+    return obj
+
+  def unscaled(self) -> "Grid":
+    """The static grid without its scale."""
+    return Grid.tree_unflatten((self.offset, self.step, self.levels, False),
+                               ())
+
+  def point(self, k: int) -> Fraction:
+    """The exact (unrounded, unscaled) point ``offset + k * step``."""
+    return self.offset + k * self.step
 
   def num_points(self) -> int | float:
-    """How many points a bounded grid has (``math.inf`` if unbounded)."""
-    if not self.bounded:
-      return math.inf
-    step = float(self.step)
-    return int(round((float(self.hi) - float(self.lo)) / step)) + 1
+    """How many points the grid has (``math.inf`` if unbounded)."""
+    return math.inf if self.levels is None else self.levels
+
+  @property
+  def lo(self) -> float | None:
+    """The lowest stored float32 point (unscaled), or None if unbounded."""
+    return None if self.levels is None else float(values(self)[0])
+
+  @property
+  def hi(self) -> float | None:
+    """The highest stored float32 point (unscaled), or None if unbounded."""
+    return None if self.levels is None else float(values(self)[-1])
+
+  def _static(self):
+    return (self.offset, self.step, self.levels)
+
+  def __eq__(self, other):
+    if not isinstance(other, Grid) or self._static() != other._static():
+      return False
+    if self.scale is None or other.scale is None:
+      return self.scale is None and other.scale is None
+    if isinstance(self.scale, jax.core.Tracer) or isinstance(
+        other.scale, jax.core.Tracer):
+      return self.scale is other.scale
+    return bool(np.asarray(self.scale) == np.asarray(other.scale))
+
+  def __hash__(self):
+    return hash(self._static())
+
+  def __repr__(self) -> str:
+    scale = "" if self.scale is None else f", scale={self.scale}"
+    if self.levels is None:
+      return f"Grid(offset={self.offset}, step={self.step}, unbounded{scale})"
+    return (f"Grid(offset={self.offset}, step={self.step}, "
+            f"levels={self.levels}{scale})")
 
 
-_FIELDS = ("step", "offset", "lo", "hi")
+def _rebuild(aux, children) -> Grid:
+  return Grid.tree_unflatten(aux, children)
 
 
-def _flatten_with_keys(grid: Grid):
-  return tuple((jax.tree_util.GetAttrKey(name), getattr(grid, name))
-               for name in _FIELDS), None
+# ----------------------------------------------------------------------------
+# Host-side tables of bounded grids.
+# ----------------------------------------------------------------------------
 
 
-def _flatten(grid: Grid):
-  return tuple(getattr(grid, name) for name in _FIELDS), None
+class Tables:
+  """A bounded grid's points in one storage dtype, and its thresholds.
 
-
-def _unflatten(aux, children) -> Grid:
-  """Rebuilds a Grid without ``__post_init__``.
-
-  JAX rebuilds pytrees with tracers, placeholder objects and whatever a
-  ``tree.map`` returns (e.g. ``0`` for an ``in_axes`` tree), so checking
-  here would reject valid programs (and would copy every concrete field to
-  the host); only explicit construction is validated.
+  Attributes:
+    values: the points in the storage dtype (read-only).
+    values32: the same values in float32 (exact).
+    thresholds: float32[levels - 1], the smallest float32 >= the exact
+      midpoint between values k and k+1: round-to-nearest (ties up) is
+      ``code > k iff x >= thresholds[k]``.
+    half_up: float32[levels], the smallest float32 >= half the gap from
+      value k to value k+1 (``inf`` at the top): R moves a weight up iff its
+      update is at least this.
+    half_down: float32[levels], the same towards value k-1 (``inf`` at 0).
   """
-  del aux
-  grid = object.__new__(Grid)
-  for name, value in zip(_FIELDS, children):
-    object.__setattr__(grid, name, value)
+
+  def __init__(self, values, values32, thresholds, half_up, half_down):
+    self.values, self.values32, self.thresholds = values, values32, thresholds
+    self.half_up, self.half_down = half_up, half_down
+
+
+def _ceil_f32(q: Fraction) -> float:
+  return round_to(q, DTYPES["float32"], "ceil")
+
+
+@functools.lru_cache(maxsize=1024)
+def _tables(offset: Fraction, step: Fraction, levels: int,
+            dtype_name: str) -> Tables:
+  dtype = DTYPES[dtype_name]
+  desc = f"Grid(offset={offset}, step={step}, levels={levels})"
+  _, _, dmax = _format(dtype)
+  lo_q, hi_q = offset, offset + (levels - 1) * step
+  if max(abs(lo_q), abs(hi_q)) > dmax:
+    raise ValueError(
+        f"{desc} spans [{_fmt(lo_q)}, {_fmt(hi_q)}], beyond {dtype.name}'s "
+        f"largest finite value {_fmt(dmax)}. Use a smaller scale or range, "
+        "or a wider dtype (float32).")
+  # Exact points (a + k b) / d with one common denominator d.
+  d = math.lcm(offset.denominator, step.denominator)
+  a = offset.numerator * (d // offset.denominator)
+  b = step.numerator * (d // step.denominator)
+  precision, emin, _ = _format(dtype)
+  out = np.empty(levels, np.float64)
+  for k in range(levels):
+    n = a + k * b
+    if n < 0:
+      out[k] = -_round_magnitude(-n, d, precision, emin, "even")
+    else:
+      out[k] = _round_magnitude(n, d, precision, emin, "even")
+  gaps = np.diff(out)
+  if not np.all(gaps > 0):
+    k = int(np.argmin(gaps > 0))
+    raise ValueError(
+        f"{dtype.name} cannot represent the {levels} distinct points of "
+        f"{desc}: points {k} and {k + 1} ({_fmt(offset + k * step)} and "
+        f"{_fmt(offset + (k + 1) * step)}) both round to {float(out[k])!r} "
+        f"({dtype.name} has {precision} significant bits). Use fewer levels, "
+        "a larger step, or a wider dtype (float16 or float32).")
+  nonzero = np.abs(out[out != 0])
+  if nonzero.min() < 2.0**-96 or gaps.min() < 2.0**-96:
+    raise ValueError(
+        f"{desc}: points or gaps below 2**-96 ({_fmt(_MIN_MAGNITUDE)}) are "
+        "not supported (float32 denormals behave differently on different "
+        "backends). Use a larger scale or offset.")
+  table = out.astype(dtype)
+  assert np.array_equal(table.astype(np.float64), out)
+  values32 = out.astype(np.float32)
+  exact_v = [Fraction(float(v)) for v in out]
+  thresholds = np.array([_ceil_f32((exact_v[k] + exact_v[k + 1]) / 2)
+                         for k in range(levels - 1)], np.float32)
+  halves = np.array([_ceil_f32((exact_v[k + 1] - exact_v[k]) / 2)
+                     for k in range(levels - 1)], np.float32)
+  half_up = np.append(halves, np.float32(np.inf)).astype(np.float32)
+  half_down = np.insert(halves, 0, np.float32(np.inf)).astype(np.float32)
+  for arr in (table, values32, thresholds, half_up, half_down):
+    arr.setflags(write=False)
+  return Tables(table, values32, thresholds, half_up, half_down)
+
+
+def tables(grid: Grid, dtype=np.float32) -> Tables:
+  """The :class:`Tables` of a bounded grid in ``dtype`` (cached)."""
+  if not isinstance(grid, Grid):
+    raise TypeError(
+        f"Expected a qjax.Grid; got {type(grid).__name__}. Build one with "
+        "Grid.binary(), Grid.ternary(), Grid.kbit(k) or Grid.uniform(step).")
+  if grid.levels is None:
+    raise ValueError(
+        f"{grid!r} is unbounded and has no value table; use a bounded grid "
+        "(e.g. Grid.uniform(step, lo=-1, hi=1)).")
+  dtype = check_dtype(dtype, "Grid")
+  return _tables(grid.offset, grid.step, grid.levels, dtype.name)
+
+
+def values(grid: Grid, dtype=np.float32) -> np.ndarray:
+  """The points of a bounded grid as stored in ``dtype`` (unscaled).
+
+  ``values(grid, dtype)[k]`` is the ``dtype`` value nearest to the exact
+  real number ``offset + k * step`` (ties to even), computed on the host in
+  exact integer arithmetic. Strictly increasing; a symmetric grid's table is
+  exactly symmetric.
+
+  Example:
+    >>> float(values(Grid.uniform(0.1, lo=0, hi=1), jnp.bfloat16)[-1])
+    1.0
+  """
+  return tables(grid, dtype).values
+
+
+def check_grid(grid, where: str) -> Grid:
+  if not isinstance(grid, Grid):
+    raise TypeError(
+        f"{where}: expected a qjax.Grid (e.g. Grid.binary(1.0), "
+        f"Grid.uniform(0.1)); got {type(grid).__name__}.")
   return grid
 
 
-# ``lo``/``hi`` = None are empty subtrees: boundedness is static structure.
-jax.tree_util.register_pytree_with_keys(Grid, _flatten_with_keys, _unflatten,
-                                        _flatten)
+# ----------------------------------------------------------------------------
+# Rounding decisions on the device.
+# ----------------------------------------------------------------------------
+
+
+def as_float32(x, where: str) -> jax.Array:
+  """``x`` in float32, with float32 denormals set to zero explicitly.
+
+  XLA:CPU flushes denormals in comparisons; flushing them ourselves makes
+  every decision the same on every backend. bf16 and f16 inputs convert to
+  float32 losslessly.
+  """
+  x = jnp.asarray(x)
+  if not (jnp.issubdtype(x.dtype, jnp.floating)
+          or jnp.issubdtype(x.dtype, jnp.integer)):
+    raise TypeError(
+        f"{where} expects a real (float or integer) array; got dtype "
+        f"{x.dtype}.")
+  x = x.astype(jnp.float32)
+  return jnp.where(jnp.abs(x) < F32_TINY, jnp.float32(0), x)
+
+
+class Points:
+  """A grid's stored points on the device, and the decisions against them.
+
+  Indices are int32 codes ``0 .. levels - 1`` for a bounded grid and
+  integer-valued float32 numbers for an unbounded one. Every method is a
+  pure function of arrays, safe under ``jit`` and ``vmap``.
+
+  Args:
+    grid: the :class:`Grid` (its scale may be traced).
+    dtype: the storage dtype of the points.
+  """
+
+  def __init__(self, grid: Grid, dtype):
+    self.grid = check_grid(grid, "Points")
+    self.dtype = check_dtype(dtype, "Points")
+    self.bounded = grid.bounded
+    f32 = jnp.float32
+    scale = None if grid.scale is None else jnp.asarray(grid.scale, f32)
+    if self.bounded:
+      t = tables(grid, self.dtype)
+      self.levels = grid.levels
+      if scale is None:
+        self.v = jnp.asarray(t.values32)
+        self.thr = jnp.asarray(t.thresholds)
+        self.hu = jnp.asarray(t.half_up)
+        self.hd = jnp.asarray(t.half_down)
+      else:
+        base = jnp.asarray(tables(grid, np.float32).values32)
+        self.v = (base * scale).astype(self.dtype).astype(f32)
+        # Midpoints: halving is exact, the sum rounds once (no FMA to fuse).
+        self.thr = self.v[:-1] * 0.5 + self.v[1:] * 0.5
+        halves = (self.v[1:] - self.v[:-1]) * 0.5
+        inf = jnp.full((1,), jnp.inf, f32)
+        self.hu = jnp.concatenate([halves, inf])
+        self.hd = jnp.concatenate([inf, halves])
+      # Arithmetic first guess of an index (corrected by comparisons).
+      self.o = self.v[0]
+      self.d = (self.v[-1] - self.v[0]) / (self.levels - 1)
+    else:
+      o = f32(round_to(grid.offset, DTYPES["float32"]))
+      d = f32(round_to(grid.step, DTYPES["float32"]))
+      self.o = jnp.asarray(o, f32) if scale is None else o * scale
+      self.d = jnp.asarray(d, f32) if scale is None else d * scale
+
+  # -- values ----------------------------------------------------------------
+
+  def value(self, k) -> jax.Array:
+    """Point ``k`` as stored, returned in float32 (exact)."""
+    if self.bounded:
+      return jnp.take(self.v, k, mode="clip")
+    # The barrier keeps XLA from fusing the product into an FMA, so the bits
+    # are the same in every program.
+    prod = jax.lax.optimization_barrier(k * self.d)
+    return (self.o + prod).astype(self.dtype).astype(jnp.float32)
+
+  def clip(self, k):
+    if not self.bounded:
+      return k
+    return jnp.clip(k, 0, self.levels - 1)
+
+  def _guess(self, x, rounding):
+    k = rounding((x - self.o) / self.d)
+    if not self.bounded:
+      return jnp.where(jnp.isfinite(k), k, 0.0)
+    k = jnp.where(jnp.isnan(k), 0.0, jnp.clip(k, 0, self.levels - 1))
+    return k.astype(jnp.int32)
+
+  # -- decisions -------------------------------------------------------------
+
+  def nearest(self, x) -> jax.Array:
+    """Index of the stored point nearest to float32 ``x`` (ties upwards).
+
+    Bounded grids: exact, by comparisons with the precomputed thresholds
+    (values beyond the ends give the end codes; NaN gives code 0).
+    Unbounded grids: the nearer of the two computed points around ``x``.
+    """
+    if self.bounded:
+      if self.levels <= 8:
+        k = jnp.sum(x[..., None] >= self.thr, axis=-1, dtype=jnp.int32)
+      else:
+        k = self._guess(x, jnp.round)
+        top = self.levels - 1
+        for _ in range(2):
+          up = (k < top) & (x >= jnp.take(self.thr, k, mode="clip"))
+          k = jnp.where(up, k + 1, k)
+          down = (k > 0) & (x < jnp.take(self.thr, k - 1, mode="clip"))
+          k = jnp.where(down, k - 1, k)
+      return jnp.where(jnp.isnan(x), 0, k)
+    k = self.bracket(x)
+    lower, upper = self.value(k), self.value(k + 1)
+    return jnp.where(upper - x <= x - lower, k + 1, k)
+
+  def bracket(self, x) -> jax.Array:
+    """``k`` with ``value(k) <= x < value(k + 1)``.
+
+    Bounded grids clip ``k`` to ``[0, levels - 2]`` (so ``x`` beyond the
+    ends is outside its bracket).
+    """
+    k = self._guess(x, jnp.floor)
+    if self.bounded:
+      k = jnp.minimum(k, self.levels - 2)
+    for _ in range(2):
+      up = x >= self.value(k + 1)
+      down = x < self.value(k)
+      if self.bounded:
+        up = up & (k < self.levels - 2)
+        down = down & (k > 0)
+      k = jnp.where(up, k + 1, jnp.where(down, k - 1, k))
+    return k
+
+  def stochastic(self, bits, x) -> jax.Array:
+    """``Q_s``: index of ``x``'s upper neighbour with probability ``p``.
+
+    ``p = (x - lower) / (upper - lower)`` in float32, clipped to [0, 1];
+    each element compares ``p`` with its own 32 random ``bits``:
+    ``P(up) = ceil(p 2**32) / 2**32``. NaN gives the lower bracket index.
+    """
+    k = self.bracket(x)
+    lower, upper = self.value(k), self.value(k + 1)
+    p = jnp.clip((x - lower) / (upper - lower), 0.0, 1.0)
+    return k + _draw(bits, p).astype(k.dtype)
+
+  def gaps(self, k):
+    """(gap to point k+1, gap to point k-1) in float32 (inf past the ends)."""
+    if self.bounded:
+      hu = jnp.take(self.hu, k, mode="clip")
+      hd = jnp.take(self.hd, k, mode="clip")
+      vk = self.value(k)
+      up = jnp.where(k < self.levels - 1, self.value(k + 1) - vk, jnp.inf)
+      down = jnp.where(k > 0, vk - self.value(k - 1), jnp.inf)
+      return up, down, hu, hd
+    vk = self.value(k)
+    up, down = self.value(k + 1) - vk, vk - self.value(k - 1)
+    return up, down, up * 0.5, down * 0.5
+
+  def step_nearest(self, k, u) -> jax.Array:
+    """R from the stored point ``k`` with float32 update ``u``: new index.
+
+    The nearest point to ``value(k) + u``, except that the weight moves up
+    (down) only if ``u`` (``-u``) is at least half the gap to the next
+    point: R never moves a weight whose update is below half its gap, and
+    always moves one whose update reaches it. NaN updates move nothing.
+    """
+    _, _, hu, hd = self.gaps(k)
+    up_ok, down_ok = u >= hu, -u >= hd
+    kn = self.nearest(self.value(k) + u)
+    kn = jnp.where(kn > k, jnp.where(up_ok, kn, k), kn)
+    kn = jnp.where(kn < k, jnp.where(down_ok, kn, k), kn)
+    kn = jnp.where(up_ok, jnp.maximum(kn, k + 1), kn)
+    kn = jnp.where(down_ok, jnp.minimum(kn, k - 1), kn)
+    return jnp.where(jnp.isnan(u), k, self.clip(kn))
+
+  def step_stochastic(self, bits, k, u) -> jax.Array:
+    """SR from the stored point ``k`` with float32 update ``u``: new index.
+
+    An update smaller than the gap in its direction moves one point with
+    probability ``|u| / gap`` computed from ``u`` itself (no cancellation
+    in ``value(k) + u``, so updates far below an ulp of the weight still
+    move it with the right probability); a larger one is ``Q_s`` of
+    ``value(k) + u``. Unbiased with respect to the stored points inside
+    the grid; NaN updates move nothing.
+    """
+    up_gap, down_gap, _, _ = self.gaps(k)
+    a = jnp.abs(u)
+    small = jnp.where(u >= 0, a < up_gap, a < down_gap)
+    gap = jnp.where(u >= 0, up_gap, down_gap)
+    p = jnp.where(small, a / gap, 0.0)
+    move = _draw(bits, p).astype(k.dtype)
+    near = k + jnp.where(u >= 0, move, -move)
+    far = self.stochastic(bits, self.value(k) + u)
+    kn = jnp.where(small, near, far)
+    return jnp.where(jnp.isnan(u), k, self.clip(kn))
+
+
+def _draw(bits, p) -> jax.Array:
+  """``bits < ceil(p 2**32)`` (and True for ``p >= 1``): P = p within 2**-32."""
+  # p < 1 is at most 1 - 2**-24, so ceil(p * 2**32) < 2**32 fits uint32.
+  threshold = jnp.ceil(jnp.where(p < 1, p, 0) * jnp.float32(2.0**32))
+  return (p >= 1) | (bits < threshold.astype(jnp.uint32))
 
 
 def contains(x, grid: Grid, dtype=None):
-  """Elementwise: is ``x`` exactly a point of ``grid`` (bit for bit)?
+  """Elementwise: is ``x`` exactly one of ``grid``'s stored points?
 
-  The reference point is the grid point computed the way every qjax quantizer
-  computes it (in float32 or wider, then cast to ``x``'s dtype), so a value
-  produced by a quantizer always passes.
+  Points as stored in ``dtype`` (default ``x``'s dtype), bit for bit: a
+  value produced by a qjax quantizer or decoded from codes always passes.
   """
   from qjax import quantizers  # local import: quantizers depends on grid.
-  dtype = dtype or jnp.asarray(x).dtype
-  return jnp.asarray(quantizers.round_nearest(x, grid), dtype) == x
+  x = jnp.asarray(x)
+  dtype = dtype or x.dtype
+  return quantizers.round_nearest(x, grid, dtype).astype(x.dtype) == x

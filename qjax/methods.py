@@ -1,13 +1,19 @@
 """Training methods as data: a forward view, an optax chain, an initial projection.
 
-=========  ===================  ==========================  ================
+=========  ===================  ==========================  ======================
 method     forward view         update (last chain link)    stored weights
-=========  ===================  ==========================  ================
+=========  ===================  ==========================  ======================
 ``fp``     identity             none (plain optimizer)      float
 ``bc``     ``Q_d(w_r)`` (STE)   :func:`latent_clipping`     float latent
-``sr``     identity             :func:`stochastic_rounding` on the grid
-``r``      identity             :func:`nearest_rounding`    on the grid
-=========  ===================  ==========================  ================
+``sr``     decoded codes        :func:`stochastic_rounding` grid codes (1 bit/bin)
+``r``      decoded codes        :func:`nearest_rounding`    grid codes (1 bit/bin)
+=========  ===================  ==========================  ======================
+
+A training loop holds the *stored* parameters (``Method.project`` of the
+initial floats: :class:`qjax.codes.Codes` for SR and R), differentiates the
+loss at ``Method.view(qjax.codes.decode_tree(stored))``, initialises
+``Method.tx`` on the decoded floats and applies its updates to the stored
+tree with ``optax.apply_updates`` (exact for codes).
 
 Each method runs with base optimizer ``sgd`` (the paper's equations) or
 ``adam`` (the "-ADAM" variants: R-ADAM, SR-ADAM, BC-ADAM; Adam moments stay in
@@ -32,6 +38,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import optax
 
+from qjax import codes
+from qjax import grid as grid_lib
 from qjax import quantizers
 from qjax import transforms
 from qjax.grid import Grid
@@ -55,12 +63,14 @@ class Method(NamedTuple):
 
   Attributes:
     name: e.g. ``"sr-adam"``.
-    view: ``params -> params`` used in the forward pass (and evaluation).
+    view: float ``params -> params`` used in the forward pass (and
+      evaluation), applied to the decoded parameters.
     tx: the optax chain, wrapped in :func:`qjax.skip_nonfinite` (its state is
       a :class:`qjax.transforms.SkipNonFiniteState`); its ``update`` needs
       ``params``.
-    project: ``params -> params`` applied once at initialisation (rounds SR/R
-      weights onto the grid, clips BC latent weights into its range).
+    project: float ``params -> stored params``, applied once at
+      initialisation: SR/R encode their quantized leaves as grid codes
+      (nearest point), BC clips its latent weights into the grid's range.
     eval_mode: which weights evaluation sees, recorded in results.
   """
   name: str
@@ -91,15 +101,18 @@ def _identity(params: PyTree) -> PyTree:
 def _clip_latent(params, mask, grid):
   mask = quantizers.resolve_mask(mask, params)
   grids = quantizers.resolve_grids(grid, params, mask)
-  clip = lambda _, w, g: jax.numpy.clip(w, g.lo, g.hi).astype(w.dtype)
+
+  def clip(_, w, g):
+    points = grid_lib.Points(g, w.dtype)
+    return jax.numpy.clip(w, points.v[0], points.v[-1]).astype(w.dtype)
+
   return quantizers._map_masked(clip, params, mask, grids, None)
 
 
-def _round_onto_grid(params, mask, grid):
+def _encode(params, mask, grid):
   mask = quantizers.resolve_mask(mask, params)
-  grids = quantizers.resolve_grids(grid, params, mask)
-  rnd = lambda _, w, g: quantizers.round_nearest(w, g)
-  return quantizers._map_masked(rnd, params, mask, grids, None)
+  return codes.encode_tree(params, quantizers.resolve_grids(grid, params,
+                                                            mask))
 
 
 def make(name: str, learning_rate=1e-2, *, optimizer="adam",
@@ -145,7 +158,7 @@ def make(name: str, learning_rate=1e-2, *, optimizer="adam",
     project = lambda p: _clip_latent(p, mask, grid)
     return Method(label, view, _guarded(base, rule), project,
                   EVAL_MODES[name])
-  project = lambda p: _round_onto_grid(p, mask, grid)
+  project = lambda p: _encode(p, mask, grid)
   if name == "sr":
     rule = transforms.stochastic_rounding(grid, key, mask)
   else:

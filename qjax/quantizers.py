@@ -2,9 +2,9 @@
 
 Everything here is a pure function of arrays (and an explicit ``jax.random``
 key for the stochastic ones), safe under ``jit``, ``vmap`` and ``grad``.
-Rounding arithmetic runs in float32 (float64 for float64 inputs) whatever the
-input dtype, so that bf16/f16 arithmetic adds no bias; the result is cast back
-to the input dtype.
+Rounding decisions are made in float32 against the grid's points as stored in
+the result's dtype (:class:`qjax.grid.Points`), so that bf16/f16 arithmetic
+adds no bias and the points are exactly the grid asked for.
 
 Notation (Li et al. 2017, Sec. 3): ``Q_d`` rounds to the nearest grid point,
 ``Q_s`` rounds up with probability equal to the fractional distance, so that
@@ -13,13 +13,15 @@ Notation (Li et al. 2017, Sec. 3): ``Q_d`` rounds to the nearest grid point,
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qjax import codes as codes_lib
+from qjax import grid as grid_lib
 from qjax.grid import Grid
 
 Array = jax.Array
@@ -33,10 +35,6 @@ Predicate = Callable[[tuple, Any], bool]
 # ----------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype) -> Any:
-  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
-
-
 def _as_float(x, fn_name: str) -> Array:
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -46,108 +44,46 @@ def _as_float(x, fn_name: str) -> Array:
   return x
 
 
-class _Lattice(NamedTuple):
-  """A grid as stored in one dtype: exact ``offset + k * step`` arithmetic."""
-  offset: Array
-  step: Array
-  k_lo: Array | None
-  k_hi: Array | None
-
-
-def lattice_resolution(grid: Grid, dtype) -> Array:
-  """The power of two ``r`` that a grid is snapped to when stored in ``dtype``.
-
-  The grid's offset and step are rounded to multiples of ``r``, so every
-  point ``offset + k * step`` and every difference of two points is a
-  multiple of ``r``; multiples of ``r`` below ``2**b r`` (``b`` the dtype's
-  significand bits) are exactly representable. The points are then computed
-  without rounding (the same bits whether or not XLA fuses the multiply-add
-  into an FMA) and ``p + (q - p) == q``: parameters stay on the grid bit for
-  bit through ``optax.apply_updates``. In floating point that is otherwise
-  false, e.g. ``0.1 + (-0.2 - 0.1) != -0.2`` in float32.
-
-  * Bounded grid, ``M = max(|lo|, |hi|) < 2**e``: ``r = 2**(e + 2 - b)``,
-    exact over the whole range; a point moves by at most ``k r / 2`` (2e-5
-    relative for an 8-bit float32 grid).
-  * Unbounded grid, ``step < 2**e``: ``r = 2**(e - s)`` with
-    ``s = max(b - 8, b // 2)`` (16 in float32), so the step keeps ``s``
-    significant bits (relative change <= 2**-17, 8e-6, in float32) and
-    exactness holds within ``2**(b - s - 1)`` steps of the offset (128 in
-    float32, 8 in bf16). Beyond that, rounding is still onto a grid point,
-    and :func:`qjax.transforms.exact_delta` lands ``apply_updates`` on it
-    whenever a float ``δ`` with ``p + δ == q`` exists (usually, not always).
-    Use a bounded grid when bit-exactness matters everywhere.
-  """
-  ct = _compute_dtype(dtype)
-  bits = jnp.finfo(dtype).nmant + 1
-  if grid.bounded:
-    bound = jnp.maximum(jnp.abs(jnp.asarray(grid.lo, ct)),
-                        jnp.abs(jnp.asarray(grid.hi, ct)))
-    _, exponent = jnp.frexp(bound)  # bound = m * 2**exponent, m in [0.5, 1)
-    return jnp.ldexp(jnp.ones((), ct), exponent + 2 - bits)
-  _, exponent = jnp.frexp(jnp.asarray(grid.step, ct))
-  return jnp.ldexp(jnp.ones((), ct), exponent - max(bits - 8, bits // 2))
-
-
-def _lattice(grid: Grid, ct, dtype) -> _Lattice:
-  if not isinstance(grid, Grid):
-    raise TypeError(
-        f"Expected a qjax.Grid; got {type(grid).__name__}. Build one with "
-        "Grid.binary(), Grid.ternary(), Grid.kbit(k) or Grid.uniform(step).")
-  offset = jnp.asarray(grid.offset, ct)
-  step = jnp.asarray(grid.step, ct)
-  r = lattice_resolution(grid, dtype)
-  offset = jnp.round(offset / r) * r
-  step = jnp.maximum(jnp.round(step / r), 1.0) * r
-  if not grid.bounded:
-    return _Lattice(offset, step, None, None)
-  k_lo = jnp.round((jnp.asarray(grid.lo, ct) - offset) / step)
-  k_hi = jnp.round((jnp.asarray(grid.hi, ct) - offset) / step)
-  return _Lattice(offset, step, k_lo, k_hi)
-
-
-def _stored_point(k: Array, lat: _Lattice, ct, dtype) -> Array:
-  """Point ``k`` as stored in ``dtype``, returned in ``ct``."""
-  return (lat.offset + k * lat.step).astype(dtype).astype(ct)
-
-
-def _clip_index(k: Array, lat: _Lattice) -> Array:
-  return k if lat.k_lo is None else jnp.clip(k, lat.k_lo, lat.k_hi)
-
-
-def _grid_value(k: Array, lat: _Lattice, ct, dtype) -> Array:
-  """Grid point ``k`` (clipped to the range) in storage ``dtype``."""
-  return _stored_point(_clip_index(k, lat), lat, ct, dtype).astype(dtype)
+def _storage_dtype(x: Array, dtype, fn_name: str):
+  """The result dtype: ``dtype``, else ``x``'s (float32 for float64 input)."""
+  if dtype is None:
+    dtype = x.dtype if jnp.dtype(x.dtype).name in grid_lib.DTYPES else (
+        jnp.float32)
+  return grid_lib.check_dtype(dtype, fn_name)
 
 
 def round_nearest(x: ArrayLike, grid: Grid, dtype=None) -> Array:
-  """Deterministic rounding ``Q_d``: the nearest grid point.
+  """Deterministic rounding ``Q_d``: the nearest stored grid point.
 
+  The points are the grid's points as stored in ``dtype`` (for a bounded
+  grid, the dtype values nearest to the exact points, :func:`qjax.grid.values`).
   Ties round up (towards +inf), so on the binary grid ``0`` maps to ``+s``
   like :func:`sign`. Values outside a bounded grid's range clip to its end
-  points. ``Q_d`` is idempotent: ``round_nearest(round_nearest(x)) ==
-  round_nearest(x)`` bit for bit.
+  points; NaN stays NaN. Idempotent: ``round_nearest(round_nearest(x)) ==
+  round_nearest(x)`` bit for bit. The decision is made in float32 (bf16 and
+  f16 inputs convert losslessly; float32 denormals count as zero).
 
   Args:
     x: floating-point array of any dtype.
     grid: the :class:`~qjax.Grid` to round onto.
-    dtype: storage dtype of the result (default ``x.dtype``). Pass it to
-      round a float32 value straight onto a bf16 parameter's grid without an
-      intermediate (biasing) cast.
+    dtype: storage dtype of the result (default ``x.dtype``; float32 for
+      float64 input). Pass it to round a float32 value straight onto a bf16
+      parameter's points without an intermediate (biasing) cast.
 
   Returns:
-    An array of ``x``'s shape and ``dtype`` whose entries are grid points.
+    An array of ``x``'s shape and ``dtype`` whose entries are stored points.
 
   Example:
     >>> round_nearest(jnp.array([0.26, -3.0]), Grid.uniform(0.5, lo=-1., hi=1.))
     Array([ 0.5, -1. ], dtype=float32)
   """
   x = _as_float(x, "round_nearest")
-  dtype = jnp.dtype(dtype or x.dtype)
-  ct = jnp.promote_types(_compute_dtype(x.dtype), _compute_dtype(dtype))
-  lat = _lattice(grid, ct, dtype)
-  k = jnp.floor((x.astype(ct) - lat.offset) / lat.step + 0.5)
-  return _grid_value(k, lat, ct, dtype)
+  grid = grid_lib.check_grid(grid, "round_nearest")
+  dtype = _storage_dtype(x, dtype, "round_nearest")
+  x32 = grid_lib.as_float32(x, "round_nearest")
+  points = grid_lib.Points(grid, dtype)
+  q = points.value(points.nearest(x32))
+  return jnp.where(jnp.isnan(x32), jnp.nan, q).astype(dtype)
 
 
 _VMAP_ROUNDING = ("jax.vmap over the keys, e.g. jax.vmap(lambda k: "
@@ -263,15 +199,34 @@ def uniform(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
   return (lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0).reshape(shape)
 
 
+def random_bits(key, shape: tuple[int, ...]) -> Array:
+  """``jax.random.bits(key, shape, jnp.uint32)``, bit for bit, fusable on CPU.
+
+  The same unrolled Threefry as :func:`uniform` (the XOR of the two output
+  words is what ``jax.random.bits`` returns under the partitionable
+  Threefry); other PRNGs and modes call ``jax.random.bits`` itself.
+  """
+  words = _threefry_words(key)
+  size = int(np.prod(shape, dtype=np.int64))
+  if (words is None or size >= 2**32
+      or not jax.config.jax_threefry_partitionable):
+    return jax.random.bits(key, shape, jnp.uint32)
+  hi, lo = _threefry2x32(words[0], words[1], jnp.zeros((size,), jnp.uint32),
+                         lax.iota(jnp.uint32, size))
+  return (hi ^ lo).reshape(shape)
+
+
 def round_stochastic(key: Array, x: ArrayLike, grid: Grid,
                      dtype=None) -> Array:
   """Stochastic rounding ``Q_s`` (Li et al. 2017, Eq. 3).
 
-  With ``x`` between neighbouring points ``a <= x < a + Δ``, returns
-  ``a + Δ`` with probability ``(x - a) / Δ`` and ``a`` otherwise, so
-  ``E[Q_s(x)] = x`` and ``Var[Q_s(x)] = Δ² p (1 - p)`` inside the range.
-  Every element draws its own uniform variate (23 random bits in float32, 52
-  in float64); values outside a bounded range clip to the end points.
+  With ``x`` between neighbouring stored points ``a <= x < b``, returns
+  ``b`` with probability ``p = (x - a) / (b - a)`` and ``a`` otherwise, so
+  ``E[Q_s(x)] = x`` and ``Var[Q_s(x)] = (b - a)² p (1 - p)`` with respect to
+  the points as stored in ``dtype``. ``p`` is computed in float32; every
+  element compares it with its own 32 random bits
+  (``P(up) = ceil(p 2**32) / 2**32``). Values outside a bounded range clip to
+  the end points; NaN stays NaN.
 
   Args:
     key: one ``jax.random`` key (typed, or raw ``uint32[2]``) or an int seed;
@@ -280,28 +235,19 @@ def round_stochastic(key: Array, x: ArrayLike, grid: Grid,
     x: floating-point array of any dtype.
     grid: the :class:`~qjax.Grid` to round onto.
     dtype: storage dtype of the result (default ``x.dtype``); the
-      probabilities are computed in float32 (or float64) from ``x`` itself.
+      probabilities are computed in float32 from ``x`` itself.
 
   Returns:
-    An array of ``x``'s shape and ``dtype`` whose entries are grid points.
+    An array of ``x``'s shape and ``dtype`` whose entries are stored points.
   """
   key = as_key(key, "round_stochastic", _VMAP_ROUNDING)
   x = _as_float(x, "round_stochastic")
-  dtype = jnp.dtype(dtype or x.dtype)
-  ct = jnp.promote_types(_compute_dtype(x.dtype), _compute_dtype(dtype))
-  xc = x.astype(ct)
-  lat = _lattice(grid, ct, dtype)
-  k = jnp.floor((xc - lat.offset) / lat.step)
-  # Division may put x one index off near a point: bracket x by the *stored*
-  # neighbours so that stored points are fixed points and the rounding is
-  # unbiased with respect to the points actually stored.
-  k = jnp.where(xc < _stored_point(k, lat, ct, dtype), k - 1, k)
-  k = jnp.where(xc >= _stored_point(k + 1, lat, ct, dtype), k + 1, k)
-  lower = _stored_point(k, lat, ct, dtype)
-  upper = _stored_point(k + 1, lat, ct, dtype)
-  p_up = (xc - lower) / (upper - lower)
-  up = uniform(key, x.shape, ct) < p_up
-  return _grid_value(k + up.astype(ct), lat, ct, dtype)
+  grid = grid_lib.check_grid(grid, "round_stochastic")
+  dtype = _storage_dtype(x, dtype, "round_stochastic")
+  x32 = grid_lib.as_float32(x, "round_stochastic")
+  points = grid_lib.Points(grid, dtype)
+  q = points.value(points.stochastic(random_bits(key, x.shape), x32))
+  return jnp.where(jnp.isnan(x32), jnp.nan, q).astype(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +270,9 @@ def stochastic_binarize(key: Array, x: ArrayLike,
   clip((x / scale + 1) / 2, 0, 1)`` and ``-scale`` otherwise. This is exactly
   :func:`round_stochastic` on ``Grid.binary(scale)``.
   """
-  return round_stochastic(key, x, Grid.binary(scale))
+  grid = (Grid.binary(scale) if isinstance(scale, (int, float))
+          else Grid.binary(1.0).scaled(scale))
+  return round_stochastic(key, x, grid)
 
 
 def glorot_scale(shape: tuple[int, ...]) -> float:
@@ -428,7 +376,14 @@ def all_kernels(path: tuple[str, ...], leaf) -> bool:
 
 def conv_kernels(path: tuple[str, ...], leaf) -> bool:
   """Mask predicate: convolution kernels only (rank >= 3), as in the paper."""
-  return all_kernels(path, leaf) and jnp.ndim(leaf) >= 3
+  return all_kernels(path, leaf) and len(leaf_shape(leaf)) >= 3
+
+
+def leaf_shape(leaf) -> tuple[int, ...]:
+  """The logical shape of a parameter leaf (an array or :class:`Codes`)."""
+  if isinstance(leaf, codes_lib.Codes):
+    return leaf.shape
+  return tuple(jnp.shape(leaf))
 
 
 def all_floats(path: tuple[str, ...], leaf) -> bool:
@@ -477,7 +432,7 @@ def _static_bool(value, path: tuple[str, ...], source: str) -> bool:
 
 def _describe_paths(params: PyTree, limit: int = 10) -> str:
   paths = ["/".join(path_names(p)) or "<root>"
-           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+           for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=codes_lib.is_codes)[0]]
   if not paths:
     return "the parameter tree has no leaves"
   shown = ", ".join(repr(p) for p in paths[:limit])
@@ -487,8 +442,8 @@ def _describe_paths(params: PyTree, limit: int = 10) -> str:
 
 def _check_selected(mask: PyTree, params: PyTree, allow_empty: bool) -> None:
   """Selected leaves are floats; something is selected (unless allowed)."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  selected = jax.tree_util.tree_structure(params).flatten_up_to(mask)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=codes_lib.is_codes)[0]
+  selected = jax.tree_util.tree_structure(params, is_leaf=codes_lib.is_codes).flatten_up_to(mask)
   for (path, leaf), m in zip(flat, selected):
     dtype = _leaf_dtype(leaf)
     if m and not jnp.issubdtype(dtype, jnp.floating):
@@ -532,9 +487,11 @@ def resolve_mask(mask, params: PyTree, *, allow_empty: bool = False) -> PyTree:
   if callable(mask):
     resolved = jax.tree_util.tree_map_with_path(
         lambda p, leaf: _static_bool(mask(path_names(p), leaf), path_names(p),
-                                     "predicate"), params)
+                                     "predicate"), params,
+        is_leaf=codes_lib.is_codes)
   else:
-    params_def = jax.tree_util.tree_structure(params)
+    params_def = jax.tree_util.tree_structure(params,
+                                              is_leaf=codes_lib.is_codes)
     mask_def = jax.tree_util.tree_structure(mask)
     if params_def != mask_def:
       raise ValueError(
@@ -545,7 +502,7 @@ def resolve_mask(mask, params: PyTree, *, allow_empty: bool = False) -> PyTree:
           "True, params).")
     resolved = jax.tree_util.tree_map_with_path(
         lambda p, _, m: _static_bool(m, path_names(p), "mask tree"),
-        params, mask)
+        params, mask, is_leaf=codes_lib.is_codes)
   _check_selected(resolved, params, allow_empty)
   return resolved
 
@@ -569,18 +526,19 @@ def resolve_grids(grid, params: PyTree, mask: PyTree) -> PyTree:
         f"{type(grid).__name__}.")
   return jax.tree_util.tree_map_with_path(
       lambda p, leaf, m: make(path_names(p), leaf) if m else None,
-      params, mask)
+      params, mask, is_leaf=codes_lib.is_codes)
 
 
 def glorot_binary_grid(path: tuple[str, ...], leaf) -> Grid:
   """Per-leaf binary grid ``{-H, +H}`` with BinaryConnect's Glorot scale H."""
   del path
-  return Grid.binary(glorot_scale(tuple(jnp.shape(leaf))))
+  return Grid.binary(glorot_scale(leaf_shape(leaf)))
 
 
 def _map_masked(fn, params, mask, grids, key):
   """Applies ``fn(key_or_None, leaf, grid)`` to masked leaves only."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
+  leaves, treedef = jax.tree_util.tree_flatten(params,
+                                               is_leaf=codes_lib.is_codes)
   masks = treedef.flatten_up_to(mask)
   grid_leaves = treedef.flatten_up_to(grids)
   keys = ([None] * len(leaves) if key is None

@@ -19,7 +19,9 @@ import numpy as np
 import optax
 from flax import struct
 
+from qjax import codes as codes_lib
 from qjax import diagnostics
+from qjax import grid as grid_lib
 from qjax import methods as methods_lib
 from qjax import models as models_lib
 from qjax import quantizers
@@ -96,10 +98,15 @@ def learning_rate_schedule(config: TrainConfig, base_lr) -> optax.Schedule:
 
 
 def scaled_glorot_grid(scale) -> Callable:
-  """Per-layer binary grid ``{-s H, +s H}``: ``s`` sweeps the grid's size Δ."""
+  """Per-layer binary grid ``{-s H, +s H}``: ``s`` sweeps the grid's size Δ.
+
+  The grid is the static ``Grid.binary(H)`` times the (possibly traced)
+  scale ``s`` (:meth:`qjax.Grid.scaled`): stored points ``±fl32(fl32(H) s)``.
+  """
   def grid(path, leaf):
     del path
-    return Grid.binary(scale * quantizers.glorot_scale(tuple(jnp.shape(leaf))))
+    return Grid.binary(quantizers.glorot_scale(
+        quantizers.leaf_shape(leaf))).scaled(scale)
   return grid
 
 
@@ -124,10 +131,11 @@ def _grid(hparams: dict) -> Callable:
 
 
 def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:
-  """``{layer: {"lo", "hi", "step"}}``: each quantized layer's grid.
+  """``{layer: {"lo", "hi", "step", "levels"}}``: each quantized layer's grid.
 
-  For results: the grid every quantized layer was trained on, with the
-  concrete (one config's) ``hparams``. Empty for the float method.
+  For results: the stored float32 end points, the spacing and the number of
+  levels of the grid every quantized layer was trained on, with the concrete
+  (one config's) ``hparams``. Empty for the float method.
   """
   if config.method == "fp":
     return {}
@@ -135,24 +143,33 @@ def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:
   grids = quantizers.resolve_grids(_grid(hparams), params, mask)
   flat = jax.tree_util.tree_flatten_with_path(
       grids, is_leaf=lambda g: g is None or isinstance(g, Grid))[0]
-  number = lambda v: None if v is None else float(np.asarray(v))
-  return {diagnostics.layer_name(quantizers.path_names(path)):
-          {"lo": number(g.lo), "hi": number(g.hi), "step": number(g.step)}
-          for path, g in flat if g is not None}
+  out = {}
+  for path, g in flat:
+    if g is None:
+      continue
+    v = np.asarray(grid_lib.Points(g, np.float32).v)
+    out[diagnostics.layer_name(quantizers.path_names(path))] = {
+        "lo": float(v[0]), "hi": float(v[-1]),
+        "step": float(v[1] - v[0]), "levels": int(g.levels)}
+  return out
 
 
 class TrainState(struct.PyTreeNode):
   """Everything that changes during training; a pytree, so it vmaps.
 
-  ``skipped`` counts the steps skipped for non-finite values, ``streak`` the
-  consecutive ones up to now, ``first_skipped`` the first such step (-1:
-  none); see :func:`train_step`.
+  ``params`` are the method's *stored* parameters (grid codes,
+  :class:`qjax.codes.Codes`, for SR and R). ``init_signs`` holds, for the
+  sign-change diagnostic, each quantized leaf's initial signs as packed
+  bits (1 bit per weight, :func:`qjax.diagnostics.sign_bits`), not a float
+  copy. ``skipped`` counts the steps skipped for non-finite values,
+  ``streak`` the consecutive ones up to now, ``first_skipped`` the first
+  such step (-1: none); see :func:`train_step`.
   """
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
   opt_state: PyTree
-  init_params: PyTree  # for the sign-change diagnostic
+  init_signs: tuple    # packed initial signs of the quantized leaves
   key: jax.Array       # raw uint32 key, checkpoint friendly
   skipped: jax.Array
   streak: jax.Array
@@ -174,10 +191,13 @@ def init_state(model: nn.Module, config: TrainConfig, key: jax.Array,
   variables = model.init(init_key, sample_x, train=False)
   method = build_method(config, hparams, sr_key)
   params = method.project(variables["params"])
+  decoded = codes_lib.decode_tree(params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}),
-      opt_state=method.tx.init(params), init_params=params, key=run_key,
+      opt_state=method.tx.init(decoded),
+      init_signs=diagnostics.sign_bits(params, MASKS[config.mask]),
+      key=run_key,
       skipped=jnp.zeros((), jnp.int32), streak=jnp.zeros((), jnp.int32),
       first_skipped=jnp.full((), -1, jnp.int32))
 
@@ -202,8 +222,10 @@ def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
                ) -> tuple[TrainState, dict]:
   """One pure training step, the same for every method.
 
-  Computes the loss at ``method.view(params)`` (the STE view for BC), then
-  ``updates = method.tx.update(grads, opt_state, params)``.
+  Computes the loss at ``method.view(decode_tree(params))`` (the STE view
+  for BC; the decoded codes for SR and R), then ``updates =
+  method.tx.update(grads, opt_state, params)`` and ``optax.apply_updates``
+  (exact for codes).
 
   Non-finite values: a step whose loss, gradients, new parameters or new
   BatchNorm statistics are not all finite is skipped: parameters, optimizer
@@ -222,14 +244,16 @@ def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
     x = batching.augment_cifar(jax.random.fold_in(state.key, state.step), x)
   method = build_method(config, hparams)
 
-  def loss_fn(params):
-    logits, new_stats = _forward(model, method.view(params), state.batch_stats,
-                                 x, train=True)
+  def loss_fn(weights):
+    logits, new_stats = _forward(model, method.view(weights),
+                                 state.batch_stats, x, train=True)
     loss = cross_entropy(logits, y)
     return loss, (new_stats, jnp.mean(jnp.argmax(logits, -1) != y))
 
+  # Gradients at the decoded weights; codes are decoded inside the step
+  # (fused by XLA), never kept as floats.
   (loss, (new_stats, error)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+      loss_fn, has_aux=True)(codes_lib.decode_tree(state.params))
   updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   finite = _all_finite((loss, grads, params, new_stats))
@@ -268,14 +292,14 @@ def evaluate(model: nn.Module, config: TrainConfig, state: TrainState,
   """Test loss and error of the method's evaluation view, in batches.
 
   BC is evaluated on its deterministically quantized latent weights; SR and R
-  on their stored grid weights; FP on its float weights (``Method.eval_mode``).
+  on their decoded grid codes; FP on its float weights (``Method.eval_mode``).
   A model that declares ``bn_momentum`` (all of :mod:`qjax.models`) is
   evaluated with its BatchNorm running statistics debiased for the
   ``state.step`` steps taken (:func:`qjax.models.debiased_batch_stats`);
   after about 250 steps that changes nothing.
   """
   method = build_method(config, dict(hparams or {}, lr=jnp.zeros(())))
-  params = method.view(state.params)
+  params = method.view(codes_lib.decode_tree(state.params))
   momentum = getattr(model, "bn_momentum", None)
   batch_stats = (state.batch_stats if momentum is None else
                  models_lib.debiased_batch_stats(state.batch_stats,
@@ -301,5 +325,5 @@ def evaluate(model: nn.Module, config: TrainConfig, state: TrainState,
 
 def sign_flips(config: TrainConfig, state: TrainState) -> dict:
   """Per quantized layer, the fraction of weights whose sign changed."""
-  return diagnostics.sign_flip_fractions(state.init_params, state.params,
+  return diagnostics.sign_flip_fractions(state.init_signs, state.params,
                                          MASKS[config.mask])

@@ -11,13 +11,21 @@ Each is the *last* link of an optax chain and needs ``params``:
 :func:`skip_nonfinite` wraps a whole chain so that a step with a NaN or inf
 changes nothing (every method of :mod:`qjax.methods` is wrapped in it).
 
-Every rounding is explicit here: the emitted update ``δ`` is chosen so that
-``optax.apply_updates`` (which computes ``p + δ`` in the parameter's dtype)
-lands *exactly* on the rounded value. ``p + (q - p)`` need not equal ``q`` in
-floating point (e.g. ``0.1 + (-0.2 - 0.1) != -0.2`` in float32), so the
-quantizers snap grids to a power-of-two lattice on which that sum is exact
-(:func:`qjax.quantizers.lattice_resolution`), and :func:`exact_delta` emits
-``q - p`` with a correction for the cases outside the lattice's exact range.
+Stored codes. SR and R work on parameters stored as :class:`qjax.codes.Codes`
+(how :mod:`qjax.methods` stores them): the base optimizer sees float gradients
+of the decoded weights (:func:`qjax.codes.decode_tree`) and keeps its state in
+float; the rule turns each float update into new codes, decided from the
+current code and the update (:class:`qjax.grid.Points`), and emits the byte
+difference modulo 256, which ``optax.apply_updates`` adds back exactly. No
+float copy of the weights exists anywhere. Initialise the chain on the
+decoded view, ``tx.init(qjax.codes.decode_tree(params))``, or wrap the base
+optimizer in :func:`decoded` when it reads the parameters (weight decay).
+
+Float parameters. Passed plain float leaves, SR and R round onto the same
+stored points and emit ``δ`` with ``p + δ`` equal to the rounded value
+(:func:`exact_delta`); that holds whenever such a float ``δ`` exists, which
+is not always (e.g. from ``1.0`` to a point far below an ulp of 1): use codes
+when the stored values must be exact in every case.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qjax import codes as codes_lib
+from qjax import grid as grid_lib
 from qjax import quantizers
 from qjax.grid import Grid
 
@@ -61,31 +71,107 @@ def _require_params(params, name: str) -> None:
 
 
 def _check_grid(grid, name: str) -> None:
-  if not (isinstance(grid, Grid) or callable(grid)):
+  if not (grid is None or isinstance(grid, Grid) or callable(grid)):
     raise TypeError(
-        f"{name}: grid must be a qjax.Grid or a callable (path, leaf) -> "
-        f"Grid; got {grid!r}.")
+        f"{name}: grid must be a qjax.Grid, a callable (path, leaf) -> "
+        f"Grid, or None (parameters stored as codes carry their grid); got "
+        f"{grid!r}.")
 
 
-def _rounding_update(updates, params, mask, grid, key, round_fn):
-  """Shared body of SR and R: δ = exact_delta(p, Q(p + u)) on masked leaves."""
+def _round_codes(p: codes_lib.Codes, u, bits, rule: str):
+  """New codes of ``p`` after update ``u``: the rule decided in code space."""
+  points = grid_lib.Points(p.grid, p.dtype)
+  k = codes_lib.unpack(p)
+  u32 = jnp.asarray(u).astype(jnp.float32)
+  if rule == "sr":
+    k_new = points.step_stochastic(bits, k, u32)
+  else:
+    k_new = points.step_nearest(k, u32)
+  new = codes_lib.from_indices(k_new, p.grid, p.dtype,
+                               batch_ndim=len(p.batch_shape))
+  return codes_lib.update(p, new)
+
+
+def _round_float(p, u, g, bits, rule: str):
+  """δ with ``p + δ`` = the rule's result, for a float parameter ``p``.
+
+  A ``p`` on one of the stored points moves as its code would; any other
+  ``p`` is rounded from ``p + u`` (computed in float32).
+  """
+  points = grid_lib.Points(g, p.dtype)
+  p32 = grid_lib.as_float32(p, "rounding")
+  u32 = jnp.asarray(u).astype(jnp.float32)
+  k = points.nearest(p32)
+  on_grid = points.value(k) == p32
+  x = p32 + u32
+  if rule == "sr":
+    k_new = jnp.where(on_grid, points.step_stochastic(bits, k, u32),
+                      points.stochastic(bits, x))
+  else:
+    k_new = jnp.where(on_grid, points.step_nearest(k, u32),
+                      points.nearest(x))
+  q = points.value(points.clip(k_new)).astype(p.dtype)
+  q = jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, p.dtype), q)
+  return exact_delta(p, q)
+
+
+def _rounding_update(updates, params, mask, grid, key, rule: str):
+  """Shared body of SR and R on every masked (or :class:`Codes`) leaf."""
+  is_codes = codes_lib.is_codes
   mask = quantizers.resolve_mask(mask, params)
-  grids = quantizers.resolve_grids(grid, params, mask)
-  leaves, treedef = jax.tree_util.tree_flatten(params)
+  grids = (jax.tree.map(lambda _: None, params, is_leaf=is_codes)
+           if grid is None else quantizers.resolve_grids(grid, params, mask))
+  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_codes)
   u_leaves = treedef.flatten_up_to(updates)
   keys = (None,) * len(leaves) if key is None else jax.random.split(
       key, len(leaves))
   out = []
   for k, p, u, m, g in zip(keys, leaves, u_leaves, treedef.flatten_up_to(mask),
                            treedef.flatten_up_to(grids)):
-    if not m:
+    if not (m or is_codes(p)):
       out.append(u)
       continue
-    ct = jnp.promote_types(quantizers._compute_dtype(p.dtype), u.dtype)
-    target = p.astype(ct) + u.astype(ct)
-    q = round_fn(k, target, g, p.dtype)
-    out.append(exact_delta(p, q))
+    shape = (tuple(p.batch_shape) + p.shape) if is_codes(p) else p.shape
+    if is_codes(u) or jnp.shape(u) != shape:
+      raise ValueError(
+          f"{'stochastic_rounding' if rule == 'sr' else 'nearest_rounding'}: "
+          f"the update of a quantized leaf must be a float array of its "
+          f"decoded shape {shape}; got {u!r}. Compute gradients at the "
+          "decoded view, qjax.codes.decode_tree(params).")
+    bits = None if k is None else quantizers.random_bits(k, shape)
+    if is_codes(p):
+      out.append(_round_codes(p, u, bits, rule))
+    elif g is None:
+      raise ValueError(
+          "the mask selects a float leaf but no grid was given; pass grid= "
+          "(a qjax.Grid or (path, leaf) -> Grid), or store the leaf as codes "
+          "(qjax.codes.encode_tree).")
+    else:
+      out.append(_round_float(p, u, g, bits, rule))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def decoded(inner: optax.GradientTransformation
+            ) -> optax.GradientTransformationExtraArgs:
+  """``inner`` run on the decoded parameters (codes as their float values).
+
+  For a base optimizer that reads the parameters (e.g.
+  ``optax.add_decayed_weights``, ``optax.adamw``) in a chain whose last link
+  stores codes: ``optax.chain(qjax.decoded(optax.adamw(lr)),
+  qjax.stochastic_rounding(grid, key))``. ``init`` and ``update`` pass
+  :func:`qjax.codes.decode_tree` of ``params`` on; the state is float.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return inner.init(codes_lib.decode_tree(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:
+      params = codes_lib.decode_tree(params)
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class StochasticRoundingState(NamedTuple):
@@ -103,8 +189,16 @@ def stochastic_rounding(grid, key, mask=None
                         ) -> optax.GradientTransformationExtraArgs:
   """SR update rule: after ``apply_updates``, ``w = Q_s(w + u)`` exactly.
 
+  Leaves stored as :class:`qjax.codes.Codes` get new codes on their own grid
+  (exact integer updates; an update below one gap moves a weight with
+  probability ``|u| / gap`` computed from ``u`` itself, so the rounding is
+  unbiased with respect to the stored points even for updates far below an
+  ulp of the weight). Masked float leaves are rounded onto ``grid``'s stored
+  points in their dtype. Each element uses 32 random bits.
+
   Args:
-    grid: a :class:`~qjax.Grid` or ``(path, leaf) -> Grid``.
+    grid: a :class:`~qjax.Grid`, ``(path, leaf) -> Grid``, or ``None`` when
+      every quantized leaf is stored as codes (they carry their grid).
     key: int seed (Python or numpy) or one ``jax.random`` key (typed, or raw
       ``uint32[2]``); kept in the state and split on every update, so two
       runs from the same key are bit-identical. A batch of keys is an error
@@ -132,8 +226,7 @@ def stochastic_rounding(grid, key, mask=None
     del extra_args
     _require_params(params, "stochastic_rounding")
     next_key, draw_key = jax.random.split(state.key)
-    updates = _rounding_update(updates, params, mask, grid, draw_key,
-                               quantizers.round_stochastic)
+    updates = _rounding_update(updates, params, mask, grid, draw_key, "sr")
     return updates, StochasticRoundingState(key=next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -142,11 +235,16 @@ def stochastic_rounding(grid, key, mask=None
 def nearest_rounding(grid, mask=None) -> optax.GradientTransformationExtraArgs:
   """R update rule: after ``apply_updates``, ``w = Q_d(w + u)`` exactly.
 
-  R never moves a weight whose ``|u| < Δ/2``: with a small learning rate it
-  stalls (Li et al. 2017, Sec. 3).
+  A weight on a stored point moves up (down) only when its update reaches
+  half the gap to the next point up (down), compared exactly with
+  precomputed half-gaps: R never moves a weight whose ``|u|`` is below half
+  its gap, in every dtype, however far from the grid's offset; with a small
+  learning rate it stalls (Li et al. 2017, Sec. 3). Codes and float leaves
+  as in :func:`stochastic_rounding`.
 
   Args:
-    grid: a :class:`~qjax.Grid` or ``(path, leaf) -> Grid``.
+    grid: a :class:`~qjax.Grid`, ``(path, leaf) -> Grid``, or ``None`` when
+      every quantized leaf is stored as codes.
     mask: which leaves to round (see :func:`qjax.resolve_mask`; default: the
       kernels); others get the incoming update unchanged. A mask that
       selects nothing is an error.
@@ -160,8 +258,7 @@ def nearest_rounding(grid, mask=None) -> optax.GradientTransformationExtraArgs:
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _require_params(params, "nearest_rounding")
-    round_fn = lambda k, x, g, dtype: quantizers.round_nearest(x, g, dtype)
-    return _rounding_update(updates, params, mask, grid, None, round_fn), state
+    return _rounding_update(updates, params, mask, grid, None, "r"), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -191,12 +288,13 @@ def latent_clipping(grid, mask=None, scale_by_grid: bool = False
   def clip_leaf(p, u, g):
     if not g.bounded:
       raise ValueError(f"latent_clipping: leaf grid {g} has no bounds.")
-    ct = jnp.promote_types(quantizers._compute_dtype(p.dtype), u.dtype)
-    u = u.astype(ct)
+    points = grid_lib.Points(g, p.dtype)
+    lo32, hi32 = points.v[0], points.v[-1]
+    u = jnp.asarray(u).astype(jnp.float32)
     if scale_by_grid:
-      u = u / jnp.asarray(g.hi, ct)
-    lo, hi = jnp.asarray(g.lo, p.dtype), jnp.asarray(g.hi, p.dtype)
-    new = jnp.clip(p.astype(ct) + u, lo.astype(ct), hi.astype(ct))
+      u = u / hi32
+    lo, hi = lo32.astype(p.dtype), hi32.astype(p.dtype)
+    new = jnp.clip(p.astype(jnp.float32) + u, lo32, hi32)
     delta = exact_delta(p, new.astype(p.dtype))
     for _ in range(2):  # p + δ may round one ulp past a bound: nudge it in.
       delta = jnp.where(p + delta > hi, jnp.nextafter(delta, -jnp.inf), delta)

@@ -31,17 +31,25 @@ def test_each_method_learns_digits_with_binary_weights(method, digits):
   error = out["history"][-1]["test_error"][0]
   assert error < 0.35, f"{method}: test error {error:.3f} (chance is 0.9)"
   params = jax.tree.map(lambda v: v[0], out["final_state"].params)
-  kernels = {k: v for k, v in qjax.resolve_mask(qjax.all_kernels,
-                                                params).items()}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  flat = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=qjax.codes.is_codes)[0]
+  kernels = 0
+  for path, leaf in flat:
     names = qjax.quantizers.path_names(path)
     if names[-1] != "kernel":
       continue
-    grid = qjax.glorot_binary_grid(names, leaf)
-    if method in ("sr", "r"):  # stored weights are binary, bit for bit
-      assert bool(jnp.all(qjax.contains(jnp.asarray(leaf), grid)))
+    kernels += 1
+    fan_in, fan_out = leaf.shape
+    h = np.float32(np.sqrt(1.5 / (fan_in + fan_out)))  # independent of qjax
+    if method in ("sr", "r"):  # stored as 1-bit codes, decoded to exactly ±H
+      assert qjax.codes.is_codes(leaf), leaf
+      assert leaf.data.dtype == jnp.uint8
+      assert leaf.data.size == -(-fan_in * fan_out // 8)
+      values = np.unique(np.asarray(qjax.codes.decode(leaf)))
+      assert set(values.tolist()) <= {float(-h), float(h)}, values
     if method == "bc":  # latent weights inside [-H, H]
-      assert float(jnp.max(jnp.abs(leaf))) <= float(grid.hi) * (1 + 1e-6)
+      assert float(jnp.max(jnp.abs(leaf))) <= float(h)
+  assert kernels == 2
 
 
 def test_r_with_small_steps_never_flips_a_sign(digits):
@@ -69,7 +77,7 @@ def test_a_short_run_evaluates_with_the_statistics_it_trained_on(digits):
                                  hparams=hp)
   np.testing.assert_allclose(evaluated["test_loss"], metrics["loss"],
                              rtol=1e-3)
-  raw_logits = model.apply({"params": state.params,
+  raw_logits = model.apply({"params": qjax.codes.decode_tree(state.params),
                             "batch_stats": state.batch_stats}, x, train=False)
   raw_loss = train_lib.cross_entropy(raw_logits, y)
   assert abs(raw_loss - metrics["loss"]) > 0.1 * metrics["loss"], (

@@ -108,7 +108,7 @@ def test_chunks_give_the_same_result_as_one_program(small_digits):
 _SHARDED = r"""
 import functools, json
 import jax, numpy as np
-import qjax.sweep
+import qjax.codes, qjax.sweep
 from qjax import data, models
 from qjax.sweep import SweepSpec, Strategy, sweep
 from qjax.train import TrainConfig
@@ -128,8 +128,8 @@ for steps, configs, seeds, pad in [
               progress=False, strategy=Strategy(steps, configs))
   out[f"{steps}/{configs}/{seeds}/{pad}"] = {
       "sharded": run["devices"],
-      "kernel": np.asarray(run["final_state"].params["Dense_0"]["kernel"]
-                           ).tolist(),
+      "kernel": np.asarray(qjax.codes.decode(
+          run["final_state"].params["Dense_0"]["kernel"])).tolist(),
       "error": run["history"][-1]["test_error"]}
 print(json.dumps(out))
 """
