@@ -5,9 +5,12 @@ Deeper Understanding" (NeurIPS 2017): grids, quantizers, optax update rules for
 BinaryConnect (BC), stochastic rounding (SR) and deterministic rounding (R).
 """
 
+from qjax import codes
+from qjax import grid
 from qjax import methods
 from qjax.grid import Grid
 from qjax.grid import contains
+from qjax.codes import Codes
 from qjax.methods import Method
 from qjax.quantizers import all_floats
 from qjax.quantizers import all_kernels
@@ -17,6 +20,7 @@ from qjax.quantizers import glorot_binary_grid
 from qjax.quantizers import glorot_scale
 from qjax.quantizers import mean_abs_scale
 from qjax.quantizers import quantize
+from qjax.quantizers import resolve_grids
 from qjax.quantizers import resolve_mask
 from qjax.quantizers import round_nearest
 from qjax.quantizers import round_stochastic
@@ -25,6 +29,7 @@ from qjax.quantizers import stochastic_binarize
 from qjax.quantizers import straight_through
 from qjax.transforms import SkipNonFiniteState
 from qjax.transforms import StochasticRoundingState
+from qjax.transforms import decoded
 from qjax.transforms import latent_clipping
 from qjax.transforms import nearest_rounding
 from qjax.transforms import skip_nonfinite
@@ -33,22 +38,27 @@ from qjax.transforms import stochastic_rounding
 __version__ = "0.1.0"
 
 __all__ = (
+    "Codes",
     "Grid",
     "Method",
     "SkipNonFiniteState",
     "StochasticRoundingState",
     "all_floats",
     "all_kernels",
+    "codes",
     "contains",
     "conv_kernels",
+    "decoded",
     "default_mask",
     "glorot_binary_grid",
+    "grid",
     "glorot_scale",
     "latent_clipping",
     "mean_abs_scale",
     "methods",
     "nearest_rounding",
     "quantize",
+    "resolve_grids",
     "resolve_mask",
     "round_nearest",
     "round_stochastic",

@@ -292,6 +292,14 @@ def decode(codes: Codes) -> jax.Array:
     Array([-0.5,  0.5], dtype=float32)
   """
   codes = _check_codes(codes, "decode")
+  scale = codes.grid.scale
+  if scale is not None and jnp.ndim(scale) > 0:
+    # Codes stacked over a sweep's lanes with one scale per lane.
+    if jnp.shape(scale) != codes.batch_shape[:jnp.ndim(scale)]:
+      raise ValueError(
+          f"decode: a scale of shape {jnp.shape(scale)} does not match the "
+          f"codes' batch shape {codes.batch_shape}.")
+    return jax.vmap(decode)(codes)
   return Points(codes.grid, codes.dtype).value(unpack(codes)).astype(
       codes.dtype)
 

@@ -28,9 +28,21 @@ float32 rounding (2**-24 relative, plus the storage dtype's own rounding) of
 the exact ``scale * (offset + k * step)``, and still exactly symmetric for a
 symmetric grid (negation is exact). Unbounded grids have no table: point
 ``k`` is ``fl32(o + k * d)`` with ``o = fl32(offset) * scale``,
-``d = fl32(step) * scale`` (each rounded to float32), within about three
-float32 roundings of the exact point. The scale is the grid's only pytree
-leaf; everything else is static.
+``d = fl32(step) * scale`` (each rounded to float32) and ``k * d`` formed
+from four exact partial products (:func:`_times`: within ``1.001`` ulp of
+the exact product, and never fused into a multiply-add), then rounded to
+the storage dtype; within about three float32 roundings of the exact point.
+The scale is the grid's only pytree leaf; everything else is static.
+
+Fused multiply-adds. XLA (CPU and GPU) contracts a product that feeds an
+addition into one FMA under ``jit``, but not eagerly, so a rounded product
+that is later added or subtracted would give different bits in different
+programs. Points never let that happen: a scaled table is computed into
+its own buffer (:func:`_materialize`) before any arithmetic on it, and the
+products of unbounded grids are exact. (Arithmetic of the caller that
+feeds an update into these functions, e.g. ``-lr * g``, can still be
+contracted by XLA into the caller's own FMA; identical update arrays give
+identical decisions.)
 """
 
 from __future__ import annotations
@@ -199,6 +211,12 @@ def _check_levels(levels, where: str) -> int:
 
 
 def _check_bits(bits) -> int:
+  if isinstance(bits, jax.core.Tracer):
+    raise ValueError(
+        f"kbit: bits must be a static Python int between 1 and 16, not a "
+        f"traced value; got bits={bits}. The number of levels fixes the "
+        "grid's table and its codes' dtype: build the grid outside jit/vmap "
+        "(one compiled program per bit width).")
   concrete = None
   if isinstance(bits, (int, np.integer)) and not isinstance(
       bits, (bool, np.bool_)):
@@ -658,8 +676,10 @@ class Points:
         self.hd = jnp.asarray(t.half_down)
       else:
         base = jnp.asarray(tables(grid, np.float32).values32)
-        self.v = (base * scale).astype(self.dtype).astype(f32)
-        # Midpoints: halving is exact, the sum rounds once (no FMA to fuse).
+        # Materialised before any arithmetic on it: a contracted
+        # fl(base * scale) - x would differ between programs.
+        self.v = _materialize((base * scale).astype(self.dtype).astype(f32))
+        # Midpoints: halving is exact, the sum rounds once.
         self.thr = self.v[:-1] * 0.5 + self.v[1:] * 0.5
         halves = (self.v[1:] - self.v[:-1]) * 0.5
         inf = jnp.full((1,), jnp.inf, f32)
@@ -671,8 +691,13 @@ class Points:
     else:
       o = f32(round_to(grid.offset, DTYPES["float32"]))
       d = f32(round_to(grid.step, DTYPES["float32"]))
-      self.o = jnp.asarray(o, f32) if scale is None else o * scale
-      self.d = jnp.asarray(d, f32) if scale is None else d * scale
+      if scale is None:
+        self.o, self.d = jnp.asarray(o, f32), jnp.asarray(d, f32)
+      else:
+        # Materialised: their products with the scale must not be fused
+        # into the additions of value().
+        od = _materialize(jnp.stack([o * scale, d * scale], axis=-1))
+        self.o, self.d = od[..., 0], od[..., 1]
 
   # -- values ----------------------------------------------------------------
 
@@ -680,10 +705,10 @@ class Points:
     """Point ``k`` as stored, returned in float32 (exact)."""
     if self.bounded:
       return jnp.take(self.v, k, mode="clip")
-    # The barrier keeps XLA from fusing the product into an FMA, so the bits
-    # are the same in every program.
-    prod = jax.lax.optimization_barrier(k * self.d)
-    return (self.o + prod).astype(self.dtype).astype(jnp.float32)
+    # k * d from exact partial products (see _times), so that no FMA
+    # contraction can change the sum: the same bits in every program.
+    return (self.o + _times(k, self.d)).astype(self.dtype).astype(
+        jnp.float32)
 
   def clip(self, k):
     if not self.bounded:
@@ -802,6 +827,47 @@ class Points:
     far = self.stochastic(bits, self.value(k) + u)
     kn = jnp.where(small, near, far)
     return jnp.where(jnp.isnan(u), k, self.clip(kn))
+
+
+def _materialize(x: jax.Array) -> jax.Array:
+  """``x`` itself, computed into its own buffer (last axis of size >= 2).
+
+  XLA fuses elementwise producers into their consumers, and contracts a
+  product feeding an addition into one FMA, so ``fl(a * b) - c`` under
+  ``jit`` may be computed as ``fma(a, b, -c)``, rounded once. A sort is
+  never fused with its producer or consumers; ``x`` is sorted along its
+  last axis by a key that is already in order (an iota), which leaves it
+  unchanged, and its consumers read the rounded values from memory.
+  """
+  keys = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jax.lax.sort((keys, x), dimension=x.ndim - 1, num_keys=1)[1]
+
+
+_SPLIT = 2.0**12
+
+
+def _high_bits(d: jax.Array) -> jax.Array:
+  """``d`` with only its 12 leading significant bits (truncated)."""
+  bits = jax.lax.bitcast_convert_type(d, jnp.uint32)
+  return jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000),
+                                      jnp.float32)
+
+
+def _times(k: jax.Array, d: jax.Array) -> jax.Array:
+  """``k * d`` (integer-valued ``k``) without any inexact product.
+
+  ``k = kh + kl`` and ``d = dh + dl`` are split into parts of at most 12
+  significant bits (for ``|k| < 2**24``), so that the four partial
+  products are exact and summing them rounds the same whether or not XLA
+  contracts a product and a sum into an FMA. All parts have the signs of
+  ``k`` and ``d``; the result is within ``(1 + 2**-10)`` ulp of the exact
+  product.
+  """
+  kh = jnp.trunc(k * (1.0 / _SPLIT)) * _SPLIT
+  kl = k - kh
+  dh = _high_bits(d)
+  dl = d - dh
+  return kh * dh + ((kh * dl + kl * dh) + kl * dl)
 
 
 def _draw(bits, p) -> jax.Array:

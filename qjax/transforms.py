@@ -118,7 +118,11 @@ def _round_float(p, u, g, bits, rule: str):
 def _rounding_update(updates, params, mask, grid, key, rule: str):
   """Shared body of SR and R on every masked (or :class:`Codes`) leaf."""
   is_codes = codes_lib.is_codes
-  mask = quantizers.resolve_mask(mask, params)
+  # Codes leaves are rounded whatever the mask says (their updates can only
+  # be code steps), so a mask that selects no float leaf is fine then.
+  has_codes = any(is_codes(p) for p in jax.tree.leaves(params,
+                                                       is_leaf=is_codes))
+  mask = quantizers.resolve_mask(mask, params, allow_empty=has_codes)
   grids = (jax.tree.map(lambda _: None, params, is_leaf=is_codes)
            if grid is None else quantizers.resolve_grids(grid, params, mask))
   leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_codes)
@@ -133,10 +137,13 @@ def _rounding_update(updates, params, mask, grid, key, rule: str):
       continue
     shape = (tuple(p.batch_shape) + p.shape) if is_codes(p) else p.shape
     if is_codes(u) or jnp.shape(u) != shape:
+      got = ("a Codes" if is_codes(u) else
+             f"an update of shape {jnp.shape(u)} (dtype "
+             f"{getattr(u, 'dtype', type(u).__name__)})")
       raise ValueError(
           f"{'stochastic_rounding' if rule == 'sr' else 'nearest_rounding'}: "
           f"the update of a quantized leaf must be a float array of its "
-          f"decoded shape {shape}; got {u!r}. Compute gradients at the "
+          f"decoded shape {shape}; got {got}. Compute gradients at the "
           "decoded view, qjax.codes.decode_tree(params).")
     bits = None if k is None else quantizers.random_bits(k, shape)
     if is_codes(p):

@@ -3,11 +3,15 @@
 import jax
 import jax.extend.random  # threefry2x32_p, the reference for ours
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 import qjax
 from qjax import Grid
+from qjax.grid import values
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def _five_sigma_mean(delta, p, n):
@@ -15,26 +19,35 @@ def _five_sigma_mean(delta, p, n):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("frac", [0.05, 0.2, 0.37, 0.5, 0.81, 0.95])
-def test_stochastic_rounding_is_unbiased_with_right_variance(dtype, frac, key):
-  """E[Q_s(x)] = x and Var = Δ² p (1 - p), within 5-sigma bounds."""
-  n, delta = 200_000, 0.25
-  grid = Grid.uniform(delta, lo=-2.0, hi=2.0)
-  x = jnp.asarray(0.5 + frac * delta, dtype)
-  p = (float(x.astype(jnp.float32)) - 0.5) / delta  # frac as stored in dtype
-  draws = qjax.round_stochastic(key, jnp.full((n,), x), grid)
-  assert draws.dtype == dtype
-  d = np.asarray(draws.astype(jnp.float32), np.float64)
-  assert set(np.unique(d)) <= {0.5, 0.75}
-  assert abs(d.mean() - float(x.astype(jnp.float32))) < _five_sigma_mean(
-      delta, p, n)
-  var_se = delta**2 * (np.sqrt(p * (1 - p)) * abs(1 - 2 * p) + 1 / np.sqrt(n))
-  assert abs(d.var() - delta**2 * p * (1 - p)) < 5 * var_se / np.sqrt(n)
+@pytest.mark.parametrize("grid, k", [
+    (Grid.uniform(0.25, lo=-2.0, hi=2.0), 10),
+    # Stored points that are not the exact ones: bf16 0.10009765625, ...
+    (Grid.uniform(0.1, lo=-1.0, hi=1.0), 12),
+    (Grid.kbit(3, 0.7), 5)], ids=repr)
+def test_stochastic_rounding_is_unbiased_with_right_variance(dtype, grid, k,
+                                                             key):
+  """E[Q_s(x)] = x and Var = Δ² p (1 - p) w.r.t. the stored points, 5 sigma."""
+  n = 100_000
+  v = np.asarray(values(grid, dtype)).astype(np.float64)
+  lo, hi = v[k], v[k + 1]
+  delta = hi - lo
+  for frac in (0.05, 0.37, 0.5, 0.95):
+    x32 = np.float32(lo + frac * delta)  # any float32 input
+    p = (float(x32) - lo) / delta  # exact, in float64
+    draws = qjax.round_stochastic(jax.random.fold_in(key, int(frac * 100)),
+                                  jnp.full((n,), x32), grid, dtype)
+    assert draws.dtype == dtype
+    d = np.asarray(draws.astype(jnp.float32), np.float64)
+    assert set(np.unique(d)) <= {lo, hi}
+    assert abs(d.mean() - float(x32)) < _five_sigma_mean(delta, p, n)
+    var_se = delta**2 * (np.sqrt(p * (1 - p)) * abs(1 - 2 * p)
+                         + 1 / np.sqrt(n))
+    assert abs(d.var() - delta**2 * p * (1 - p)) < 5 * var_se / np.sqrt(n)
 
 
 def test_fine_fractions_are_not_truncated(key):
   """A library drawing only 8 random bits cannot round up w.p. 1e-3 right."""
-  n, delta, p = 2_000_000, 1.0, 1e-3
+  n, delta, p = 400_000, 1.0, 1e-3
   x = jnp.full((n,), p, jnp.float32)
   d = np.asarray(qjax.round_stochastic(key, x, Grid.uniform(delta)))
   assert abs(d.mean() - p) < _five_sigma_mean(delta, p, n)
@@ -78,13 +91,32 @@ def test_stochastic_rounding_clips_outside_range(key):
   np.testing.assert_array_equal(q, jnp.array([-1.0, 1.0] * 100))
 
 
-def test_same_key_is_bit_identical_and_other_key_differs(rng):
+def _same_bits(a, b) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  return a.dtype == b.dtype and a.shape == b.shape and (
+      a.tobytes() == b.tobytes())
+
+
+@pytest.mark.parametrize("grid", [Grid.uniform(0.1), Grid.kbit(3, 0.7),
+                                  Grid.uniform(0.1, offset=0.05)], ids=repr)
+def test_same_key_same_bits_eager_jit_and_vmap(grid, rng):
   x = jnp.asarray(rng.normal(size=1000), jnp.float32)
-  grid = Grid.uniform(0.1)
   a = qjax.round_stochastic(jax.random.key(3), x, grid)
-  b = jax.jit(qjax.round_stochastic)(jax.random.key(3), x, grid)
+  b = jax.jit(qjax.round_stochastic, static_argnums=2)(jax.random.key(3), x,
+                                                       grid)
   c = qjax.round_stochastic(jax.random.key(4), x, grid)
-  assert bool(jnp.all(a == b)) and not bool(jnp.all(a == c))
+  assert _same_bits(a, b) and not _same_bits(a, c)
+  assert _same_bits(a, qjax.round_stochastic(3, x, grid))
+  assert _same_bits(a, qjax.round_stochastic(jax.random.PRNGKey(3), x, grid))
+  keys = jax.random.split(jax.random.key(5), 3)
+  xs = jnp.stack([x, -x, 2 * x])
+  lanes = jax.jit(jax.vmap(lambda k, v: qjax.round_stochastic(k, v, grid)))(
+      keys, xs)
+  for i in range(3):
+    assert _same_bits(lanes[i], qjax.round_stochastic(keys[i], xs[i], grid))
+  near = jax.jit(jax.vmap(lambda v: qjax.round_nearest(v, grid)))(xs)
+  for i in range(3):
+    assert _same_bits(near[i], qjax.round_nearest(xs[i], grid))
 
 
 def test_sign_maps_zero_to_plus_scale():
@@ -184,14 +216,17 @@ def test_bad_quantizer_inputs(fn):
     fn()
 
 
-def test_per_channel_mean_abs_scale_as_a_grid(rng):
+def test_per_channel_mean_abs_scale(rng):
   """XNOR/BWN-style binarization: sign(w) * mean|w| per output channel."""
   w = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)
-  view = qjax.quantize({"kernel": w}, qjax.round_nearest, qjax.all_kernels,
-                       grid=lambda path, leaf: Grid.binary(
-                           qjax.mean_abs_scale(leaf)))["kernel"]
-  expected = jnp.where(w >= 0, 1.0, -1.0) * qjax.mean_abs_scale(w)
+  view = qjax.quantize({"kernel": w}, lambda x: qjax.sign(
+      x, qjax.mean_abs_scale(x)), qjax.all_kernels)["kernel"]
+  scale = np.abs(np.asarray(w)).mean((0, 1, 2)).astype(np.float32)
+  expected = np.where(np.asarray(w) >= 0, 1.0, -1.0) * scale
   np.testing.assert_allclose(view, expected, rtol=1e-6)
+  # A grid has one scale (a scalar, possibly traced), not one per channel.
+  with pytest.raises(ValueError, match="one number"):
+    Grid.binary(1.0).scaled(qjax.mean_abs_scale(w))
 
 
 def test_uniform_is_uniform_and_independent(key):
@@ -215,6 +250,34 @@ def test_threefry_is_jaxs_bit_for_bit(rng):
   jaxs = jax.extend.random.threefry2x32_p.bind(k0, k1, x0, x1)
   for a, b in zip(ours, jaxs):
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (784, 256)])
+def test_random_bits_equal_jax_random_bits(shape, key):
+  expected = jax.random.bits(key, shape, jnp.uint32)
+  assert _same_bits(qjax.quantizers.random_bits(key, shape), expected)
+  raw = jax.random.key_data(key)  # a raw uint32[2] key draws the same
+  assert _same_bits(jax.jit(qjax.quantizers.random_bits, static_argnums=1)(
+      raw, shape), expected)
+  keys = jax.random.split(key, 3)
+  lanes = jax.vmap(lambda k: qjax.quantizers.random_bits(k, shape))(keys)
+  for k, lane in zip(keys, lanes):
+    assert _same_bits(lane, jax.random.bits(k, shape, jnp.uint32))
+  with jax.threefry_partitionable(False):
+    assert _same_bits(qjax.quantizers.random_bits(key, shape),
+                      jax.random.bits(key, shape, jnp.uint32))
+  rbg = jax.random.key(0, impl="rbg")
+  assert _same_bits(qjax.quantizers.random_bits(rbg, shape),
+                    jax.random.bits(rbg, shape, jnp.uint32))
+
+
+def test_round_stochastic_draws_its_bits_from_the_key(key):
+  """Q_s compares p with random_bits(key, shape): P(up) = ceil(p 2**32)/2**32."""
+  grid = Grid.uniform(0.25, lo=-1.0, hi=1.0)
+  x = jnp.full((4096,), 0.0625, jnp.float32)  # p = 1/4 exactly
+  up = np.asarray(qjax.round_stochastic(key, x, grid)) == 0.25
+  bits = np.asarray(jax.random.bits(key, x.shape, jnp.uint32))
+  assert np.array_equal(up, bits < 2**30)
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (784, 256)])

@@ -9,6 +9,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import qjax
+import qjax.codes
 import pytest
 
 from qjax import data, models
@@ -221,10 +224,13 @@ def test_grid_scale_is_a_sweep_axis_and_changes_the_grid(small_digits):
               SweepSpec(seeds=(0,), lrs=(0.01,), grid_scales=(1.0, 2.0)),
               progress=False)
   assert [c["grid_scale"] for c in out["configs"]] == [1.0, 2.0]
-  kernel = out["final_state"].params["Dense_0"]["kernel"]
-  h = np.float32(np.sqrt(1.5 / (64 + 32)))
-  np.testing.assert_allclose(np.unique(np.abs(kernel[0])), [h], rtol=1e-6)
-  np.testing.assert_allclose(np.unique(np.abs(kernel[1])), [2 * h], rtol=1e-6)
+  codes = out["final_state"].params["Dense_0"]["kernel"]
+  assert codes.data.dtype == np.uint8 and codes.data.shape == (2, 64 * 32 // 8)
+  np.testing.assert_array_equal(np.asarray(codes.grid.scale), [1.0, 2.0])
+  kernel = np.asarray(qjax.codes.decode(codes))
+  h = np.float32(np.sqrt(1.5 / (64 + 32)))  # 2 h is exact in float32
+  np.testing.assert_array_equal(np.unique(kernel[0]), [-h, h])
+  np.testing.assert_array_equal(np.unique(kernel[1]), [-2 * h, 2 * h])
 
 
 def _array_stream(ds):

@@ -480,7 +480,8 @@ def make_run(problem: Problem, config: RunConfig) -> Callable:
   ``w_0 = 0`` (a grid point) and uses qjax's own update rules:
 
   * ``sr`` / ``r``: :func:`qjax.methods.make` (``stochastic_rounding`` /
-    ``nearest_rounding``) on the unbounded grid ``Grid.uniform(Δ)`` = ΔZ.
+    ``nearest_rounding``) on the unbounded grid ΔZ, ``Grid.uniform(1).scaled(Δ)`` (points
+    ``fl32(k Δ)``, Δ traced so that a sweep over Δ compiles once).
   * ``bc``: float latent ``w_r`` updated by plain ``sgd``/``adam``
     (:func:`qjax.methods.base_optimizer`) with the gradient taken at the view
     :func:`qjax.quantize` ``(w_r, round_stochastic | round_nearest)`` on ΔZ.
@@ -505,7 +506,7 @@ def make_run(problem: Problem, config: RunConfig) -> Callable:
   def run(key, hparams):
     delta = jnp.asarray(hparams["delta"], jnp.float32)
     lr = jnp.asarray(hparams["lr"], jnp.float32)
-    grid = Grid.uniform(delta)
+    grid = Grid.uniform(1).scaled(delta)  # ΔZ, with Δ traced by the sweep
     sched = _schedule(cfg.schedule, lr, cfg.t0)
     key, round_key = jax.random.split(key)
     if cfg.method in ("sr", "r", "fp"):

@@ -74,7 +74,7 @@ class Chain(NamedTuple):
 
   @property
   def grid(self) -> Grid:
-    return Grid.uniform(self.delta, offset=self.lo, lo=self.lo, hi=self.hi)
+    return Grid.uniform(self.delta, lo=self.lo, hi=self.hi)
 
 
 def make_chain(grad: GradFn, delta: float, lo: float, hi: float, dim: int = 1,
