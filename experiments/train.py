@@ -34,6 +34,7 @@ import time
 from experiments import common
 from qjax import checkpoint as ckpt_lib
 from qjax import data as data_lib
+from qjax import memory as memory_lib
 from qjax import methods as methods_lib
 from qjax import models
 from qjax import results as results_lib
@@ -285,6 +286,7 @@ def _train(plan: Plan) -> dict:
                  "train_config": out["train_config"],
                  "eval_mode": methods_lib.EVAL_MODES[method],
                  "grids": _grids(config, out),
+                 "memory": _memory(plan, config, out),
                  "history": out["history"], "seconds": time.time() - t0})
   ds = plan.dataset
   return {"args": vars(args), "environment": results_lib.environment(),
@@ -303,6 +305,49 @@ def _grids(config, out: dict) -> list[dict]:
     grids.append(train_lib.layer_grids(
         config, jax.tree.map(lambda v, i=i: v[i], params), hp))
   return grids
+
+
+def _memory(plan: Plan, config, out: dict) -> dict:
+  """The trained state's bytes per config, and one step's compiled memory.
+
+  ``state``: :func:`qjax.memory.memory_report` of the final state (per
+  config; codes, float parameters, optimizer state, BatchNorm statistics,
+  diagnostics). ``step``: XLA's memory analysis of one config's training
+  step (:func:`qjax.memory.compiled_peak_bytes`, compiled for shapes only).
+  """
+  import jax
+  import jax.numpy as jnp
+  state = out["final_state"]
+  report = memory_lib.memory_report(state)
+  one = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype),
+                     state)
+  x = plan.dataset.train_x
+  batch = (jax.ShapeDtypeStruct((config.batch_size,) + x.shape[1:], x.dtype),
+           jax.ShapeDtypeStruct((config.batch_size,), jnp.int32))
+  hp = {k: jax.ShapeDtypeStruct((), jnp.float32)
+        for k in out["configs"][0] if k != "seed"}
+  step = memory_lib.compiled_peak_bytes(
+      lambda s, b, h: train_lib.train_step(plan.model, config, s, b, h),
+      one, batch, hp)
+  return {"state": report, "step": step}
+
+
+def memory_summary(runs: list[dict]) -> str:
+  """One line per method: its train state's bytes and its quantized bits."""
+  lines = ["memory per config (qjax.memory_report of the final state):"]
+  for run in runs:
+    m, step = run["memory"]["state"], run["memory"]["step"]
+    bits = ("" if not m["quantized_weights"] else
+            f", {m['quantized_weights']:,} weights stored as codes at "
+            f"{m['bits_per_quantized_weight']:.3f} bits")
+    temp = ("" if step["temp_bytes"] is None else
+            f"; step temp {step['temp_bytes'] / 2**20:.2f} MiB")
+    lines.append(
+        f"  {run['label']:10} total {m['total'] / 2**20:7.3f} MiB: params "
+        f"{(m['codes'] + m['code_scales'] + m['float_params']) / 2**20:.3f}, "
+        f"optimizer {m['optimizer_state'] / 2**20:.3f}, diagnostics "
+        f"{m['diagnostics'] / 2**20:.3f}{bits}{temp}")
+  return "\n".join(lines)
 
 
 def write(out_dir: str, payload: dict) -> None:
@@ -333,6 +378,7 @@ def main(argv=None) -> int:
         f"{args.epochs} epoch(s), {payload['wall_seconds']:.0f} s in all "
         f"({payload['environment']['backend']})")
   print(results_lib.error_table(payload["runs"]))
+  print(memory_summary(payload["runs"]))
   print(f"results: {os.path.abspath(args.out)}")
   return 0
 

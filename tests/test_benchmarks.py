@@ -48,3 +48,32 @@ def test_counts_below_one_are_refused_before_any_work(flag, capsys):
     sweep_throughput.main([flag, "0"])
   assert exit_info.value.code == 2
   assert f"{flag}: expected an int >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_memory_benchmark_prints_the_eight_rows_of_the_mlp(tmp_path, capsys):
+  from benchmarks import memory as memory_bench
+  out = tmp_path / "memory.json"
+  result = memory_bench.main(["--models", "mlp", "--batch", "8",
+                              "--out", str(out)])
+  table = capsys.readouterr().out
+  rows = [line for line in table.splitlines() if line.startswith("| mlp |")]
+  assert [line.split(" | ")[1] for line in rows] == [
+      "FP-SGD", "BC-SGD", "SR-SGD", "R-SGD",
+      "FP-ADAM", "BC-ADAM", "SR-ADAM", "R-ADAM"]
+  assert json.loads(out.read_text())["rows"] == result["rows"]
+  by_method = {r["method"]: r for r in result["rows"]}
+  assert by_method["SR-SGD"]["params_ratio_to_fp"] < 1 / 20
+  assert by_method["SR-ADAM"]["bits_per_quantized_weight"] == 1.0
+  assert all(r["step_temp"] > 0 for r in result["rows"])
+
+
+def test_codes_step_benchmark_runs_and_compares(tmp_path, capsys):
+  from benchmarks import codes_step
+  result = codes_step.main(["--steps", "2", "--repeats", "1", "--methods",
+                            "sr-adam", "--batch", "16",
+                            "--out", str(tmp_path / "codes_step.json")])
+  (row,) = result["rows"]
+  assert row["method"] == "sr-adam" and row["codes_s"] > 0
+  assert row["float_s"] > 0 and row["ratio"] > 0
+  assert row["identical"] is True and row["matches_train_step"] is True
+  assert "identical: True" in capsys.readouterr().out

@@ -347,3 +347,31 @@ def test_paper_experiment_only_flag_refuses_unknown_names(capsys):
   assert table1.main(["--scale", "smoke", "--only", "bogus/mlp"]) == 2
   err = capsys.readouterr().err
   assert "--only" in err and "bogus/mlp" in err and "known" in err
+
+
+def test_results_record_the_memory_each_method_stores(tmp_path, capsys):
+  """results.json has each method's memory report: SR and R keep 1-bit
+  codes (bytes = ceil(n/8) per kernel, counted here from the shapes), FP
+  and BC 4-byte floats, and the figures add up to the total."""
+  flags = _replace(BASE, "--methods", "fp,bc,sr,r")
+  assert _run(tmp_path, base=flags) == 0
+  assert "stored as codes at 1.000 bits" in capsys.readouterr().out
+  runs = {r["method"]: r["memory"] for r in
+          json.loads((tmp_path / "results.json").read_text())["runs"]}
+  kernels = [(64, 16), (16, 10)]  # digits MLP with --mlp-features 16
+  weights = sum(a * b for a, b in kernels)
+  for method, memory in runs.items():
+    state = memory["state"]
+    assert state["total"] == sum(state[k] for k in (
+        "codes", "code_scales", "float_params", "optimizer_state",
+        "batch_stats", "diagnostics"))
+    assert memory["step"]["temp_bytes"] > 0
+    if method in ("sr", "r"):
+      assert state["codes"] == sum(-(-a * b // 8) for a, b in kernels)
+      assert state["quantized_weights"] == weights
+      assert state["bits_per_quantized_weight"] == pytest.approx(1.0)
+    else:
+      assert state["codes"] == 0 and state["quantized_weights"] == 0
+      assert state["float_params"] >= 4 * weights
+  assert runs["sr"]["state"]["float_params"] + runs["sr"]["state"]["codes"] < (
+      runs["fp"]["state"]["float_params"] - 4 * weights + weights / 8 + 16)

@@ -47,11 +47,14 @@ def test_lane_i_equals_single_run_i(method, strategy, small_digits):
                  lr=cfg["lr"], strategy=strategy, progress=False)
   lane = jax.tree.map(lambda v: v[i], out["final_state"].params)
   alone = jax.tree.map(lambda v: v[0], single["final_state"].params)
+  code_leaves = 0
   for a, b in zip(jax.tree.leaves(lane), jax.tree.leaves(alone)):
-    if method == "sr" and a.ndim == 2:  # grid weights: bit for bit
+    if a.dtype == np.uint8:  # SR's stored codes: bit for bit
+      code_leaves += 1
       assert np.array_equal(a, b)
     else:
       np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  assert code_leaves == (2 if method == "sr" else 0)
   np.testing.assert_allclose(out["history"][-1]["test_error"][i],
                              single["history"][-1]["test_error"][0], atol=0.01)
 

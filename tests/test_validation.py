@@ -1,5 +1,7 @@
 """Clear errors for bad input, no false rejections, NaN/inf steps skipped."""
 
+from fractions import Fraction
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 
 import qjax
 from qjax import Grid
+from qjax import codes as C
 
 
 def _linen(kernel=0.3, bias=0.1):
@@ -30,8 +33,10 @@ def _bits(tree):
 
 
 def _update(tx, params, grads=None):
-  grads = jax.tree.map(jnp.ones_like, params) if grads is None else grads
-  return tx.update(grads, tx.init(params), params)
+  """One update; gradients and optimizer state live on the decoded view."""
+  floats = C.decode_tree(params)
+  grads = jax.tree.map(jnp.ones_like, floats) if grads is None else grads
+  return tx.update(grads, tx.init(floats), params)
 
 
 # 1. Integer leaves selected by a mask.
@@ -140,7 +145,7 @@ def test_numpy_and_jax_integers_are_accepted():
   for bits in (np.int64(2), jnp.int32(2), np.int8(2)):
     grid = Grid.kbit(bits, 0.5)
     assert grid.num_points() == 4
-    assert float(grid.step) == float(Grid.kbit(2, 0.5).step)
+    assert grid == Grid.kbit(2, 0.5) and grid.step == Fraction(1, 3)
   grid = Grid.binary()
   params = {"kernel": jnp.zeros((8,))}
   d_np, _ = _update(qjax.stochastic_rounding(grid, key=np.int64(3)), params)
@@ -148,16 +153,19 @@ def test_numpy_and_jax_integers_are_accepted():
   assert _bits(d_np) == _bits(d_int)
 
 
-@pytest.mark.parametrize("bits", [2.5, True, 0, np.bool_(True),
+@pytest.mark.parametrize("bits", [2.5, True, 0, 17, np.bool_(True),
                                   jnp.float32(2.0), jnp.array(True)])
 def test_bad_bits_are_clear_errors(bits):
-  with pytest.raises(ValueError, match=r"integer bits >= 1.*got bits="):
+  with pytest.raises(ValueError, match=r"bits must be an integer between 1 "
+                     r"and 16.*got bits="):
     Grid.kbit(bits)
 
 
 def test_traced_bits_are_a_clear_error():
-  with pytest.raises(ValueError, match="static integer bits"):
-    jax.jit(lambda b: Grid.kbit(b).step)(2)
+  with pytest.raises(ValueError, match=r"static Python int.*traced"):
+    jax.jit(lambda b: Grid.kbit(b).levels)(2)
+  with pytest.raises(ValueError, match=r"static Python int.*traced"):
+    jax.vmap(lambda b: Grid.kbit(b).levels)(jnp.array([2, 3]))
 
 
 # 6. Masks that select nothing; NNX paths.
@@ -213,11 +221,18 @@ def test_kernel_predicates_recognise_nnx_paths():
   assert sum(jax.tree.leaves(conv)) == 1
   method = qjax.methods.make("sr", key=0)
   projected = method.project(state)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(projected)[0]:
+  flat = jax.tree_util.tree_flatten_with_path(projected, is_leaf=C.is_codes)
+  kernels = 0
+  for path, leaf in flat[0]:
     names = qjax.quantizers.path_names(path)
-    if names[-2] == "kernel":
-      grid = qjax.glorot_binary_grid(names, leaf)
-      assert bool(jnp.all(qjax.contains(leaf, grid))), names
+    if names[-2] == "kernel":  # stored as codes on the Glorot binary grid
+      assert isinstance(leaf, C.Codes) and C.bits_per_weight(leaf) <= 8
+      assert leaf.grid == qjax.glorot_binary_grid(names, leaf)
+      assert bool(jnp.all(qjax.contains(C.decode(leaf), leaf.grid))), names
+      kernels += 1
+    else:
+      assert not isinstance(leaf, C.Codes)
+  assert kernels == 2
 
 
 # 7. The default mask is the kernels.
@@ -231,16 +246,17 @@ def test_default_mask_of_every_method_is_the_kernels(name):
   assert _bits(projected["params"]["Dense_0"]["bias"]) == _bits(
       params["params"]["Dense_0"]["bias"])
   h = qjax.glorot_scale((4, 3))
-  view = method.view(projected)["params"]["Dense_0"]["kernel"]
+  floats = C.decode_tree(projected)
+  view = method.view(floats)["params"]["Dense_0"]["kernel"]
   assert bool(jnp.all(jnp.abs(view) <= jnp.float32(h)))
-  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), projected)
-  d, _ = method.tx.update(grads, method.tx.init(projected), projected)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), floats)
+  d, _ = method.tx.update(grads, method.tx.init(floats), projected)
   new = optax.apply_updates(projected, d)
   assert bool(jnp.all(new["params"]["Dense_0"]["bias"] < 0.1))
   if name != "bc":
-    grid = Grid.binary(h)
-    assert bool(jnp.all(qjax.contains(new["params"]["Dense_0"]["kernel"],
-                                      grid)))
+    kernel = new["params"]["Dense_0"]["kernel"]
+    assert isinstance(kernel, C.Codes) and kernel.grid == Grid.binary(h)
+    assert bool(jnp.all(jnp.abs(C.decode(kernel)) == jnp.float32(h)))
 
 
 def test_default_mask_of_quantize_is_the_kernels_or_a_bare_array():
@@ -254,20 +270,24 @@ def test_default_mask_of_quantize_is_the_kernels_or_a_bare_array():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Grid(step=0.0), r"step must be a finite number > 0.*step="),
-    (lambda: Grid(step=jnp.float32(-1.0)), r"step.*> 0"),
-    (lambda: Grid(step=float("inf")), r"step.*finite"),
-    (lambda: Grid(step=1.0, offset=float("nan")), r"offset must be finite"),
-    (lambda: Grid(step=1e39), r"step must fit in float32"),
-    (lambda: Grid(step=1.0, offset=-1.0, lo=-1.0), r"together"),
-    (lambda: Grid(step=1.0, lo=1.0, hi=-1.0), r"lo < hi.*got lo="),
-    (lambda: Grid(step=1.0, lo=-np.inf, hi=1.0), r"bounds must be finite"),
-    (lambda: Grid.binary(3e38), r"scale is too large.*overflows float32"),
-    (lambda: Grid.ternary(3e38), r"scale is too large"),
-    (lambda: Grid.kbit(2, 2e38), r"scale is too large"),
-    (lambda: Grid.binary(float("inf")), r"scale must be a finite number"),
-    (lambda: Grid.uniform(1.0, lo=-3e38, hi=3e38), r"hi - lo.*float32"),
-    (lambda: Grid.binary(1.0).replace(step=0.0), r"step.*> 0"),
+    (lambda: Grid(0, 0.0), r"Grid: step must be > 0; got step=0.0"),
+    (lambda: Grid(0, jnp.float32(-1.0)), r"step must be > 0"),
+    (lambda: Grid(0, float("inf")), r"step must be a finite real number"),
+    (lambda: Grid(float("nan"), 1.0), r"offset must be a finite real"),
+    (lambda: Grid(0, 1e39), r"must fit float32"),
+    (lambda: Grid(0, 1.0, 1), r"levels must be between 2 and 65536"),
+    (lambda: Grid(0, 1.0, 3.0), r"levels must be an integer"),
+    (lambda: Grid(-1.0, 1.0, 70000), r"got levels=70000"),
+    (lambda: Grid.uniform(1.0, lo=-1.0), r"pass both lo and hi"),
+    (lambda: Grid.uniform(1.0, lo=1.0, hi=-1.0), r"lo < hi.*got lo="),
+    (lambda: Grid.uniform(1.0, lo=-np.inf, hi=1.0), r"lo must be a finite"),
+    (lambda: Grid.binary(3.5e38), r"must fit float32"),
+    (lambda: Grid.ternary(3.5e38), r"must fit float32"),
+    (lambda: Grid.kbit(2, 3.5e38), r"must fit float32"),
+    (lambda: Grid.binary(float("inf")), r"scale must be a finite real"),
+    (lambda: Grid.uniform(1.0, lo=-3e38, hi=3e38), r"at most 65536"),
+    (lambda: Grid.binary(1.0).scaled(0.0), r"scale must be a finite number "
+     r"> 0"),
 ])
 def test_raw_grid_fields_are_validated(make, match):
   with pytest.raises(ValueError, match=match):
@@ -275,20 +295,26 @@ def test_raw_grid_fields_are_validated(make, match):
 
 
 def test_grids_still_rebuild_under_tree_utilities_jit_and_vmap():
-  grid = Grid.binary(0.5)
-  axes = jax.tree.map(lambda _: 0, grid)  # step=0 as an in_axes spec
-  assert axes.step == 0 and axes.bounded
+  grid = Grid.binary(0.5).scaled(1.0)
+  axes = jax.tree.map(lambda _: 0, grid)  # scale=0 as an in_axes spec
+  assert axes.scale == 0 and axes.bounded and axes.unscaled() == Grid.binary(
+      0.5)
   scales = jnp.array([1.0, 2.0])
-  grids = jax.vmap(Grid.binary)(scales)
+  grids = jax.vmap(Grid.binary(0.5).scaled)(scales)
   out = jax.vmap(qjax.round_nearest, in_axes=(None, axes))(jnp.float32(0.3),
                                                            grids)
-  np.testing.assert_array_equal(out, [1.0, 2.0])
+  np.testing.assert_array_equal(out, [0.5, 1.0])
   doubled = jax.jit(lambda g: jax.tree.map(lambda v: 2 * v, g))(grid)
-  assert float(doubled.hi) == 1.0
+  assert float(doubled.scale) == 2.0 and doubled.hi == 0.5  # hi: unscaled
   assert jax.tree.structure(Grid.uniform(0.1)) != jax.tree.structure(grid)
   assert [qjax.quantizers.path_names(p) for p, _ in
-          jax.tree_util.tree_flatten_with_path(grid)[0]] == [
-              ("step",), ("offset",), ("lo",), ("hi",)]
+          jax.tree_util.tree_flatten_with_path(grid)[0]] == [("scale",)]
+  assert jax.tree.leaves(Grid.binary(0.5)) == []
+  # Codes on a scaled grid: the data and the scale are the leaves.
+  c = C.encode_nearest(jnp.zeros(3), grid)
+  assert [qjax.quantizers.path_names(p) for p, _ in
+          jax.tree_util.tree_flatten_with_path(c)[0]] == [
+              ("data",), ("grid", "scale")]
 
 
 # 9. Non-finite steps are skipped.
@@ -296,14 +322,20 @@ def test_grids_still_rebuild_under_tree_utilities_jit_and_vmap():
 
 def _bad(params, value):
   """Gradients with one non-finite entry in the first kernel."""
-  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3),
+                       C.decode_tree(params))
   k = grads["params"]["Dense_0"]["kernel"]
   grads["params"]["Dense_0"]["kernel"] = k.at[0, 0].set(value)
   return grads
 
 
 def _good(params, t):
-  return jax.tree.map(lambda x: jnp.full_like(x, 0.2 * (-1) ** t), params)
+  return jax.tree.map(lambda x: jnp.full_like(x, 0.2 * (-1) ** t),
+                      C.decode_tree(params))
+
+
+def _init(method, params):
+  return method.tx.init(C.decode_tree(params))
 
 
 @pytest.mark.parametrize("value", [jnp.nan, jnp.inf])
@@ -312,7 +344,7 @@ def _good(params, t):
 def test_a_non_finite_gradient_is_skipped_bit_for_bit(name, optimizer, value):
   method = qjax.methods.make(name, 0.5, optimizer=optimizer, key=1)
   params = method.project(_linen(kernel=0.3, bias=-0.0))
-  state = method.tx.init(params)
+  state = _init(method, params)
   step = jax.jit(lambda p, s, g: method.tx.update(g, s, p))
   d, state = step(params, state, _good(params, 0))
   params = optax.apply_updates(params, d)
@@ -325,8 +357,8 @@ def test_a_non_finite_gradient_is_skipped_bit_for_bit(name, optimizer, value):
   assert int(bad_state.skipped) == 2 and int(bad_state.streak) == 2
   if name in ("sr", "r"):
     kernel = after["params"]["Dense_0"]["kernel"]
-    assert bool(jnp.all(qjax.contains(kernel, Grid.binary(
-        qjax.glorot_scale((4, 3))))))
+    assert isinstance(kernel, C.Codes)
+    assert kernel.grid == Grid.binary(qjax.glorot_scale((4, 3)))
 
   # The next finite step trains as if the bad steps had never happened.
   d, good_state = step(params, bad_state, _good(params, 1))
@@ -343,7 +375,7 @@ def test_a_non_finite_gradient_is_skipped_bit_for_bit(name, optimizer, value):
 def test_skipped_steps_keep_the_inner_state_bit_for_bit(name):
   method = qjax.methods.make(name, 0.1, optimizer="adam", key=2)
   params = method.project(_linen())
-  state = method.tx.init(params)
+  state = _init(method, params)
   d, state = method.tx.update(_good(params, 0), state, params)
   params = optax.apply_updates(params, d)
   _, skipped = method.tx.update(_bad(params, jnp.nan), state, params)
@@ -357,7 +389,7 @@ def test_nan_in_an_unquantized_leaf_or_in_the_updates_is_skipped():
   grads = _good(params, 0)
   grads["params"]["Dense_0"]["bias"] = grads["params"]["Dense_0"][
       "bias"].at[1].set(jnp.nan)
-  d, state = method.tx.update(grads, method.tx.init(params), params)
+  d, state = method.tx.update(grads, _init(method, params), params)
   assert _bits(optax.apply_updates(params, d)) == _bits(params)
   assert int(state.skipped) == 1
   # Finite gradients whose update overflows: skipped too.
@@ -388,7 +420,7 @@ def test_skip_nonfinite_vmaps_lane_by_lane_and_traces_once():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(p, g):
-    d, s = method.tx.update(g, method.tx.init(p), p)
+    d, s = method.tx.update(g, _init(method, p), p)
     return optax.apply_updates(p, d), s
 
   new, state = jax.vmap(step)(lanes, grads)
@@ -413,4 +445,5 @@ def test_adding_the_zero_update_keeps_every_float_bit_for_bit():
 def test_every_method_is_wrapped():
   for name in qjax.methods.METHODS:
     method = qjax.methods.make(name, key=0)
-    assert isinstance(method.tx.init(_linen()), qjax.SkipNonFiniteState)
+    params = method.project(_linen())
+    assert isinstance(_init(method, params), qjax.SkipNonFiniteState)
