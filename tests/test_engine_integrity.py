@@ -12,6 +12,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import qjax
 import pytest
 
 from qjax import data, models, results
@@ -68,12 +70,16 @@ def test_a_nonfinite_step_is_skipped_by_every_method(method, optimizer, bad,
   assert all(np.isfinite(np.asarray(v)).all() for v in leaves)
   assert any(not np.array_equal(a, b) for a, b in
              zip(leaves, jax.tree.leaves(state.params)))
-  if method in ("sr", "r"):  # still exactly the binary grid {-H, +H}
-    for path, w in jax.tree_util.tree_flatten_with_path(good.params)[0]:
-      if path[-1].key == "kernel":
-        h = np.sqrt(1.5 / sum(w.shape))
-        assert len(np.unique(np.asarray(w))) <= 2
-        np.testing.assert_allclose(np.abs(np.asarray(w)), h, rtol=1e-5)
+  if method in ("sr", "r"):  # still 1-bit codes of exactly {-H, +H}
+    flat = jax.tree_util.tree_flatten_with_path(
+        good.params, is_leaf=qjax.codes.is_codes)[0]
+    kernels = [w for path, w in flat if path[-1].key == "kernel"]
+    assert kernels
+    for w in kernels:
+      assert isinstance(w, qjax.Codes)
+      h = np.float32(np.sqrt(1.5 / sum(w.shape)))
+      assert set(np.unique(np.asarray(qjax.codes.decode(w))).tolist()) <= {
+          float(-h), float(h)}
 
 
 def test_a_run_that_keeps_failing_stops_naming_the_step(small_digits):

@@ -82,3 +82,29 @@ def test_a_short_run_evaluates_with_the_statistics_it_trained_on(digits):
   raw_loss = train_lib.cross_entropy(raw_logits, y)
   assert abs(raw_loss - metrics["loss"]) > 0.1 * metrics["loss"], (
       raw_loss, metrics["loss"])
+
+
+def test_bc_view_is_exactly_the_grid_points_and_sr_stores_codes():
+  """BC's forward view of any latent is exactly ±float32(H) (H computed here
+  from the shape); SR's project stores 1-bit codes that decode to the same
+  points, and R's too."""
+  model = models.get("mlp", 10, features=(24,))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64)),
+                      train=False)["params"]
+  params = jax.tree.map(lambda w: w * 100.0, params)  # latents beyond ±H
+  h = {"Dense_0": np.float32(np.sqrt(1.5 / (64 + 24))),
+       "Dense_1": np.float32(np.sqrt(1.5 / (24 + 10)))}
+  bc = qjax.methods.make("bc", 1e-2)
+  view = bc.view(bc.project(params))
+  for layer, hl in h.items():
+    assert set(np.unique(np.asarray(view[layer]["kernel"])).tolist()) <= {
+        float(-hl), float(hl)}
+  for name in ("sr", "r"):
+    stored = qjax.methods.make(name, 1e-2, key=0).project(params)
+    for layer, hl in h.items():
+      c = stored[layer]["kernel"]
+      assert isinstance(c, qjax.Codes) and c.data.dtype == np.uint8
+      np.testing.assert_array_equal(qjax.codes.decode(c), view[layer]["kernel"])
+    assert not any(isinstance(v, qjax.Codes) for layer, leaves in
+                   stored.items() if layer.startswith("BatchNorm")
+                   for v in leaves.values())
