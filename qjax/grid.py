@@ -23,11 +23,15 @@ Traced sizes. A sweep that varies a grid's size (its scale or Δ) without
 recompiling multiplies a static grid by a traced ``scale``
 (:meth:`Grid.scaled`): the points are then
 ``fl_dtype(fl32(values32[k] * scale))``, i.e. the float32 table value times
-the scale rounded once to float32, then to the storage dtype; within one
-float32 rounding (2**-24 relative, plus the storage dtype's own rounding) of
-the exact ``scale * (offset + k * step)``, and still exactly symmetric for a
-symmetric grid (negation is exact). Unbounded grids have no table: point
-``k`` is ``fl32(o + k * d)`` with ``o = fl32(offset) * scale``,
+the scale rounded once to float32, then to the storage dtype. ``values32[k]``
+is itself a float32 rounding of the exact point, so a point is within two
+float32 roundings (below ``2**-23`` relative; exactly ``fl32(scale)`` times
+a point that float32 represents, such as ``+-1``), plus the storage dtype's
+own rounding, of the exact ``scale * (offset + k * step)``, and still
+exactly symmetric for a symmetric grid (negation is exact).
+
+Unbounded grids have no table: point ``k`` is ``fl32(o + k * d)`` with
+``o = fl32(offset) * scale``,
 ``d = fl32(step) * scale`` (each rounded to float32) and ``k * d`` formed
 from four exact partial products (:func:`_times`: within ``1.001`` ulp of
 the exact product, and never fused into a multiply-add), then rounded to
@@ -489,7 +493,7 @@ class Grid:
     if isinstance(self.scale, jax.core.Tracer) or isinstance(
         other.scale, jax.core.Tracer):
       return self.scale is other.scale
-    return bool(np.asarray(self.scale) == np.asarray(other.scale))
+    return bool(np.array_equal(np.asarray(self.scale), np.asarray(other.scale)))
 
   def __hash__(self):
     return hash(self._static())
@@ -666,6 +670,11 @@ class Points:
     self.bounded = grid.bounded
     f32 = jnp.float32
     scale = None if grid.scale is None else jnp.asarray(grid.scale, f32)
+    if scale is not None and scale.ndim:
+      raise ValueError(
+          f"Points: the grid's scale has shape {scale.shape} (one scale per "
+          "lane of a sweep?); it must be a scalar here. jax.vmap over the "
+          "lanes, as qjax.codes.decode does for stacked codes.")
     if self.bounded:
       t = tables(grid, self.dtype)
       self.levels = grid.levels

@@ -180,11 +180,10 @@ def test_unbounded_scaled_grid_follows_the_documented_formula(rng):
     assert np.array_equal(as64(q), best)
 
 
-@pytest.mark.parametrize("grid", [
-    Grid.uniform(0.1, offset=0.05), Grid.uniform(0.3, offset=0.7),
-    Grid.kbit(4, 1.0)], ids=repr)
+@pytest.mark.parametrize("grid", [Grid.uniform(0.3, offset=0.7)], ids=repr)
 def test_decisions_are_the_same_bits_eager_jit_and_vmap(grid, rng):
-  """Also on unbounded and scaled grids, where XLA would fuse an FMA."""
+  """Unbounded grids (scaled too), where XLA would fuse an FMA (bounded
+  scaled grids: test_scaled_rounding_is_the_same_bits_eager_jit_and_vmap)."""
   span = 3.0 if grid.bounded else 100.0
   x = jnp.asarray(rng.uniform(-span, span, (2, 5000)), jnp.float32)
   scales = jnp.float32([1.0, 0.7])
@@ -218,7 +217,7 @@ def _brute_nearest_values(x: np.ndarray, v: np.ndarray) -> np.ndarray:
   return np.where(up, v[hi], v[lo])
 
 
-@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.settings(max_examples=10, deadline=None)
 @hypothesis.given(
     step=st.integers(1, 10**5).map(lambda n: Fraction(n, 10**4)),
     lo_steps=st.integers(-3000, 3000), levels=st.sampled_from(
@@ -235,10 +234,11 @@ def test_round_nearest_is_the_nearest_stored_point(step, lo_steps, levels,
     hypothesis.assume(False)  # not representable: tested in test_codes
   rng = np.random.default_rng(seed)
   span = v[-1] - v[0]
-  x = rng.uniform(v[0] - 0.05 * span, v[-1] + 0.05 * span, 2000)
   mids = (v[:-1] + v[1:]) / 2
-  x = np.concatenate([x, v, mids]).astype(np.float32)
-  x = x[np.abs(x.astype(np.float64)) <= float(ml_dtypes.finfo(dtype).max)]
+  n = 10240 - 2 * len(v) + 1  # one shape for every example
+  x = rng.uniform(v[0] - 0.05 * span, v[-1] + 0.05 * span, n)
+  top = float(ml_dtypes.finfo(dtype).max)
+  x = np.clip(np.concatenate([x, v, mids]), -top, top).astype(np.float32)
   q = qjax.round_nearest(jnp.asarray(x), grid, dtype)
   assert q.dtype == dtype
   assert np.array_equal(as64(q), _brute_nearest_values(x, v))
@@ -251,7 +251,7 @@ def test_round_nearest_is_the_nearest_stored_point(step, lo_steps, levels,
 
 def test_contains_is_membership_in_the_stored_table():
   g = Grid.uniform(0.1, lo=-1, hi=1)
-  for dtype in DTYPES:
+  for dtype in (F32, BF16):
     v = jnp.asarray(values(g, dtype))
     assert bool(jnp.all(qjax.contains(v, g)))
     off = jnp.asarray(np.nextafter(np.asarray(v, np.float32)[1:-1],

@@ -28,12 +28,16 @@ F32, BF16, F16 = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16),
 ALL = qjax.all_floats
 
 GRIDS = {
-    "delta0.1": Grid.uniform(0.1, lo=-1.0, hi=1.0),
     "binary": Grid.binary(0.0625),
     "kbit3": Grid.kbit(3, 0.7),
     "ternary": Grid.ternary(0.3),
     "far": Grid.uniform(0.1, lo=-2.9375, hi=3.0625),  # -2.9375 is a point
 }
+
+
+# One array size for most tests: eager dispatch compiles every primitive
+# once per shape, so shared shapes keep the suite fast.
+N = 48
 
 
 def _grid_of(path, leaf):
@@ -51,7 +55,7 @@ def _tree_bits(tree):
   return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
 
 
-def _on_grid_params(key, dtype, n=48):
+def _on_grid_params(key, dtype, n=N):
   """Codes on every grid of GRIDS (random points), and the same as floats."""
   keys = jax.random.split(key, len(GRIDS))
   codes = {name: C.pack(jax.random.randint(k, (n,), 0, g.levels), g, dtype)
@@ -66,7 +70,7 @@ def _rule(name, grid, key):
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "dtype", "steps"))
-def _walk(rule, dtype, seed, scale, steps=25):
+def _walk(rule, dtype, seed, scale, steps=16):
   """A random walk of float params and of codes from the same key."""
   key = jax.random.key(seed)
   codes, floats = _on_grid_params(jax.random.fold_in(key, 1), dtype)
@@ -101,8 +105,7 @@ def _walks(rule, dtype):
   return seeds, scales, out
 
 
-@pytest.mark.parametrize("rule, dtype", [("sr", F32), ("sr", BF16),
-                                         ("r", F32), ("r", BF16)],
+@pytest.mark.parametrize("rule, dtype", [("sr", F32), ("r", BF16)],
                          ids=lambda x: getattr(x, "name", x))
 def test_random_walks_of_codes_and_floats(rule, dtype):
   _, _, (codes, (floats, decoded)) = _walks(rule, dtype)
@@ -122,7 +125,7 @@ def test_random_walks_of_codes_and_floats(rule, dtype):
       dist = np.minimum(np.abs(f64 - table[i]), np.abs(f64 - table[i - 1]))
       ulp = np.max(np.abs(table)) * (2.0**-22 if dtype == F32 else 2.0**-7)
       assert np.all(dist <= ulp), name
-  assert moved > 1000  # the walks do move
+  assert moved > 500  # the walks do move
 
 
 def test_vmap_lane_is_the_single_run_codes_bit_for_bit():
@@ -211,10 +214,10 @@ def _grads(rng, params, t):
       rng.normal(size=p.shape), p.dtype), C.decode_tree(params))
 
 
-@pytest.mark.parametrize("rule", ["sr", "r"])
-@pytest.mark.parametrize("grid", [Grid.binary(0.18898223),
-                                  Grid.uniform(0.0625, lo=-0.5, hi=0.5)],
-                         ids=repr)
+@pytest.mark.parametrize("grid, rule", [
+    (Grid.binary(0.18898223), "sr"), (Grid.uniform(0.0625, lo=-0.5, hi=0.5),
+                                      "r")],
+    ids=lambda x: x if isinstance(x, str) else repr(x))
 def test_adam_chain_on_codes_equals_the_float_path(grid, rule, rng):
   codes, floats = _kernel_params(rng, grid)
   last = {"sr": lambda g: qjax.stochastic_rounding(g, key=0),
@@ -245,7 +248,7 @@ def test_adam_chain_on_codes_equals_the_float_path(grid, rule, rng):
 def test_decoded_wraps_optimizers_that_read_the_params(rng):
   grid = Grid.uniform(0.25, lo=-0.5, hi=0.5)
   codes, floats = _kernel_params(rng, grid)
-  tx_c = optax.chain(qjax.transforms.decoded(optax.adamw(0.05, 0.1)),
+  tx_c = optax.chain(qjax.decoded(optax.adamw(0.05, 0.1)),
                      qjax.stochastic_rounding(None, key=3))
   tx_f = optax.chain(optax.adamw(0.05, 0.1),
                      qjax.stochastic_rounding(grid, key=3))
@@ -276,7 +279,7 @@ def _step(tx, params, u):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
 def test_a_zero_update_moves_nothing(dtype):
   codes, floats = _on_grid_params(jax.random.key(0), dtype)
-  floats["unbounded"] = jnp.asarray(np.arange(-7, 8) * 0.1, jnp.float32
+  floats["unbounded"] = jnp.asarray(np.arange(-24, 24) * 0.1, jnp.float32
                                     ).astype(dtype)
   floats["unbounded"] = qjax.round_nearest(floats["unbounded"],
                                            Grid.uniform(0.1))
@@ -308,33 +311,42 @@ def _half_gap_updates(v):
 R_GRIDS = [(Grid.uniform(0.1, lo=-2.9375, hi=3.0625), BF16),
            (Grid.uniform(0.1, lo=-2.9375, hi=3.0625), F32),
            (Grid.kbit(8, 1.0), BF16), (Grid.kbit(3, 0.7), F16),
-           (Grid.uniform(0.1, lo=-3276.7, hi=3276.7), F32),
+           (Grid.uniform(0.1, lo=-327.7, hi=327.7), F32),  # far from 0
            (Grid.binary(0.18898223), F32)]
 
 
-@pytest.mark.parametrize("grid, dtype", R_GRIDS,
-                         ids=lambda x: getattr(x, "name", repr(x)))
-def test_r_moves_exactly_when_the_update_reaches_half_the_gap(grid, dtype):
-  v = np.asarray(values(grid, dtype)).astype(np.float32)
-  below, at = _half_gap_updates(v)
-  k = np.arange(grid.levels - 1)
-  codes = {"w": C.pack(jnp.asarray(np.concatenate([k, k + 1] * 2)), grid,
-                       dtype)}
-  # Up from k with u below/at half the gap to k + 1; down from k + 1.
-  u = np.concatenate([below, -below, at, -at])
-  want = np.concatenate([k, k + 1, k + 1, k])
-  tx = qjax.nearest_rounding(None, ALL)
-  new = _step(tx, codes, {"w": jnp.asarray(u)})  # float32 updates
-  assert np.array_equal(np.asarray(C.unpack(new["w"])), want)
-  # The same for float parameters on the points.
-  floats = C.decode_tree(codes)
-  new_f = _step(qjax.nearest_rounding(grid, ALL), floats, {"w": jnp.asarray(
-      u)})
-  assert new_f["w"].dtype == dtype
-  _check_float_path(floats["w"], v[want].astype(dtype), new_f["w"], dtype)
+def test_r_moves_exactly_when_the_update_reaches_half_the_gap():
+  """Every code of every grid, up and down: below half the gap R stays,
+  at half the gap (rounded up to a float32) it moves one point."""
+  codes, floats, u, want, tables = {}, {}, {}, {}, {}
+  for i, (grid, dtype) in enumerate(R_GRIDS):
+    v = np.asarray(values(grid, dtype)).astype(np.float32)
+    below, at = _half_gap_updates(v)
+    k = np.arange(grid.levels - 1)
+    name = f"g{i}"
+    codes[name] = C.pack(jnp.asarray(np.concatenate([k, k + 1] * 2)), grid,
+                         dtype)
+    floats[name] = C.decode(codes[name])
+    u[name] = jnp.asarray(np.concatenate([below, -below, at, -at]))
+    want[name] = np.concatenate([k, k + 1, k + 1, k])
+    tables[name] = v
+  grid_of = lambda path, leaf: R_GRIDS[int(path[0][1:])][0]
+  new_c = jax.jit(lambda c, u: _step(qjax.nearest_rounding(None, ALL), c, u))(
+      codes, u)
+  new_f = jax.jit(lambda f, u: _step(qjax.nearest_rounding(grid_of, ALL), f,
+                                     u))(floats, u)
+  for name, (grid, dtype) in zip(codes, R_GRIDS):
+    assert np.array_equal(np.asarray(C.unpack(new_c[name])), want[name]), (
+        grid, dtype)
+    # The same for float parameters on the points (where a delta can be).
+    assert new_f[name].dtype == dtype
+    _check_float_path(floats[name], tables[name][want[name]].astype(dtype),
+                      new_f[name], dtype)
   # At the ends nothing moves outwards, however large the update.
-  ends = {"w": C.pack(jnp.array([0, grid.levels - 1]), grid, dtype)}
-  out = _step(tx, ends, {"w": jnp.array([-1e30, 1e30], jnp.float32)})
+  grid = R_GRIDS[0][0]
+  ends = {"w": C.pack(jnp.array([0, grid.levels - 1]), grid, BF16)}
+  out = _step(qjax.nearest_rounding(None, ALL), ends,
+              {"w": jnp.array([-1e30, 1e30], jnp.float32)})
   assert C.unpack(out["w"]).tolist() == [0, grid.levels - 1]
 
 
@@ -344,10 +356,10 @@ def test_r_far_from_the_offset_in_bf16_is_the_issue_case():
   grid = Grid.uniform(0.1, lo=-2.9375, hi=3.0625)
   v = values(grid, BF16)
   assert float(v[0]) == -2.9375 and float(v[1]) == -2.84375
-  w = jnp.full((4,), -2.9375, jnp.bfloat16)
+  w = jnp.full((N,), -2.9375, jnp.bfloat16)
   for u, want in [(0.0464, -2.9375), (-0.0464, -2.9375),
                   (0.046875, -2.84375), (0.05, -2.84375)]:
-    upd = {"w": jnp.full((4,), u, jnp.bfloat16)}
+    upd = {"w": jnp.full((N,), u, jnp.bfloat16)}
     new = _step(qjax.nearest_rounding(grid, ALL), {"w": w}, upd)
     assert np.all(np.asarray(new["w"], np.float64) == want), u
     codes = {"w": C.encode_nearest(w, grid)}
@@ -357,14 +369,14 @@ def test_r_far_from_the_offset_in_bf16_is_the_issue_case():
 
 def test_r_stalls_when_updates_are_below_half_a_step_while_sr_moves(key):
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
-  params = {"w": C.encode_nearest(jnp.zeros((512,)), grid)}
+  params = {"w": C.encode_nearest(jnp.zeros((N,)), grid)}
   r_tx, sr_tx = qjax.nearest_rounding(None, ALL), qjax.stochastic_rounding(
       None, 1, ALL)
   r_step, sr_step = jax.jit(r_tx.update), jax.jit(sr_tx.update)
   r_p, sr_p = params, params
   r_state, sr_state = r_tx.init(None), sr_tx.init(None)
   for t in range(30):
-    u = {"w": jnp.clip(jax.random.normal(jax.random.fold_in(key, t), (512,)),
+    u = {"w": jnp.clip(jax.random.normal(jax.random.fold_in(key, t), (N,)),
                        -1, 1) * 0.049}  # every |u| < Δ/2
     d, r_state = r_step(u, r_state, r_p)
     r_p = optax.apply_updates(r_p, d)
@@ -425,9 +437,9 @@ def test_sr_step_is_unbiased_with_variance_gap2_p_1_minus_p(case):
 
 def test_sr_same_key_same_bits_other_key_differs(rng):
   grid = Grid.kbit(4, 1.0)
-  codes = {"w": C.encode_nearest(jnp.asarray(rng.uniform(-1, 1, 999),
+  codes = {"w": C.encode_nearest(jnp.asarray(rng.uniform(-1, 1, N),
                                              jnp.float32), grid)}
-  u = {"w": jnp.asarray(rng.normal(scale=0.1, size=999), jnp.float32)}
+  u = {"w": jnp.asarray(rng.normal(scale=0.1, size=N), jnp.float32)}
   outs = [_step(qjax.stochastic_rounding(None, key, ALL), codes, u)["w"].data
           for key in (5, jax.random.key(5), jax.random.PRNGKey(5), 6)]
   assert same_bits(outs[0], outs[1]) and same_bits(outs[0], outs[2])
@@ -444,8 +456,8 @@ def test_sr_same_key_same_bits_other_key_differs(rng):
 def test_sr_equals_q_s_of_params_plus_update_with_the_state_key(rng):
   """Off the grid, a float weight is rounded from w + u with the state key."""
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
-  p = jnp.asarray(rng.uniform(-1, 1, 256), jnp.float32)  # not on the grid
-  u = jnp.asarray(rng.normal(scale=0.07, size=256), jnp.float32)
+  p = jnp.asarray(rng.uniform(-1, 1, N), jnp.float32)  # not on the grid
+  u = jnp.asarray(rng.normal(scale=0.07, size=N), jnp.float32)
   tx = qjax.stochastic_rounding(grid, jax.random.key(7), ALL)
   state = tx.init({"w": p})
   delta, new_state = tx.update({"w": u}, state, {"w": p})
@@ -458,21 +470,23 @@ def test_sr_equals_q_s_of_params_plus_update_with_the_state_key(rng):
                           == jax.random.key_data(state.key)))
 
 
-@pytest.mark.parametrize("rule", ["sr", "r"])
-def test_jit_equals_eager_on_codes_bit_for_bit(rule, rng):
+def test_jit_equals_eager_on_codes_bit_for_bit(rng):
   """Updates given as arrays: the same codes eagerly and under jit, also on
   scaled grids (whose gaps XLA would otherwise fuse into FMAs)."""
   grid = Grid.kbit(4, 1.0)
-  x = jnp.asarray(rng.uniform(-1, 1, 4096), jnp.float32)
-  u = jnp.asarray(rng.normal(scale=0.2, size=4096), jnp.float32)
+  x = jnp.asarray(rng.uniform(-1, 1, 4 * N), jnp.float32)
+  u = jnp.asarray(rng.normal(scale=0.2, size=4 * N), jnp.float32)
 
   def step(scale, x, u):
     g = grid.scaled(scale)
     params = {"w": C.encode_nearest(x * scale, g),
               "v": C.encode_nearest(x, grid)}
-    tx = _rule(rule, None, 11)
-    d, _ = tx.update({"w": u * scale, "v": u}, tx.init(None), params)
-    return optax.apply_updates(params, d)
+    out = []
+    for rule in ("sr", "r"):
+      tx = _rule(rule, None, 11)
+      d, _ = tx.update({"w": u * scale, "v": u}, tx.init(None), params)
+      out.append(optax.apply_updates(params, d))
+    return out
 
   for s in (1.0, 0.37, 3.0):
     eager = step(jnp.float32(s), x, u)
@@ -480,7 +494,8 @@ def test_jit_equals_eager_on_codes_bit_for_bit(rule, rng):
     assert _tree_bits(eager) == _tree_bits(jitted)
   lanes = jax.jit(jax.vmap(step, in_axes=(0, None, None)))(
       jnp.float32([0.37, 3.0]), x, u)
-  assert same_bits(lanes["w"].data[1], jitted["w"].data)
+  for lane, one in zip(lanes, jitted):
+    assert same_bits(lane["w"].data[1], one["w"].data)
 
 
 def test_scaled_binary_codes_under_vmap_stay_at_plus_minus_s(rng):
@@ -518,10 +533,10 @@ def test_unbounded_grid_walks_stay_on_or_next_to_the_grid(grid, key):
   """Float weights (the only storage of an unbounded grid): exactly on the
   points when the deltas are exact (a dyadic step), else within an ulp."""
   tx = qjax.stochastic_rounding(grid, 0, ALL)
-  params = {"w": jnp.zeros((512,))}
+  params = {"w": jnp.zeros((4 * N,))}
   state, update = tx.init(params), jax.jit(tx.update)
   for t in range(40):
-    u = {"w": 0.3 * jax.random.normal(jax.random.fold_in(key, t), (512,))}
+    u = {"w": 0.3 * jax.random.normal(jax.random.fold_in(key, t), (4 * N,))}
     old = params["w"]
     d, state = update(u, state, params)
     params = optax.apply_updates(params, d)
@@ -554,7 +569,7 @@ def _bc_walk(grid, dtype, seed, scale, steps=25):
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
 def test_bc_latent_weights_stay_in_range(dtype):
-  for name in ("delta0.1", "binary", "kbit3"):
+  for name in ("far", "binary", "kbit3"):
     grid = GRIDS[name]
     hist = jax.jit(jax.vmap(lambda s, a: _bc_walk(grid, dtype, s, a)))(
         jnp.arange(3), jnp.float32([0.01, 0.5, 5.0]))
@@ -566,10 +581,10 @@ def test_bc_latent_weights_stay_in_range(dtype):
 
 
 def test_mask_leaves_unmasked_updates_untouched():
-  grid = Grid.binary(1.0)
-  params = {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}
+  grid = GRIDS["binary"]
+  params = {"kernel": jnp.ones((N,)), "bias": jnp.zeros(3)}
   mask = {"kernel": True, "bias": False}
-  u = {"kernel": jnp.full((4, 4), 0.01), "bias": jnp.full((4,), 0.123)}
+  u = {"kernel": jnp.full((N,), 0.01), "bias": jnp.full((3,), 0.123)}
   for tx in (qjax.stochastic_rounding(grid, 0, mask),
              qjax.nearest_rounding(grid, mask), qjax.latent_clipping(
                  grid, lambda path, leaf: path[-1] == "kernel")):
@@ -578,12 +593,12 @@ def test_mask_leaves_unmasked_updates_untouched():
 
 
 def test_codes_leaves_are_rounded_whatever_the_mask():
-  grid = Grid.ternary(1.0)
-  params = {"w": C.encode_nearest(jnp.zeros(5), grid), "b": jnp.zeros(3)}
-  u = {"w": jnp.full((5,), 0.9), "b": jnp.full((3,), 0.25)}
+  grid = Grid.ternary(1.0)  # same table shape as GRIDS["ternary"]
+  params = {"w": C.encode_nearest(jnp.zeros(N), grid), "b": jnp.zeros(3)}
+  u = {"w": jnp.full((N,), 1.0), "b": jnp.full((3,), 0.25)}
   for tx in (qjax.nearest_rounding(None), qjax.stochastic_rounding(None, 0)):
     new = _step(tx, params, u)  # the default mask selects no "kernel"
-    assert C.decode(new["w"]).tolist() == [1.0] * 5
+    assert C.decode(new["w"]).tolist() == [1.0] * N
     assert new["b"].tolist() == [0.25] * 3
 
 
@@ -595,7 +610,7 @@ def test_scale_by_grid_divides_update_by_h():
   np.testing.assert_allclose(d["w"], [0.04, -0.08, 0.25], rtol=1e-6)
 
 
-@pytest.mark.parametrize("rule", ["sr", "r", "bc"])
+@pytest.mark.parametrize("rule", ["sr", "bc"])
 def test_chain_jit_and_eager_agree_and_step_traces_once(rule, rng):
   chex.clear_trace_counter()
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
@@ -603,7 +618,7 @@ def test_chain_jit_and_eager_agree_and_step_traces_once(rule, rng):
           "r": lambda: qjax.nearest_rounding(None),
           "bc": lambda: qjax.latent_clipping(grid)}[rule]
   tx = optax.chain(optax.adam(0.05), make())
-  w = jnp.asarray(rng.uniform(-1, 1, 32), jnp.float32)
+  w = jnp.asarray(rng.uniform(-1, 1, N), jnp.float32)
   params = ({"kernel": qjax.round_nearest(w, grid)} if rule == "bc"
             else {"kernel": C.encode_nearest(w, grid)})
 
@@ -615,8 +630,8 @@ def test_chain_jit_and_eager_agree_and_step_traces_once(rule, rng):
 
   p_jit, s_jit = params, tx.init(C.decode_tree(params))
   p_eager, s_eager = params, tx.init(C.decode_tree(params))
-  for t in range(5):
-    g = {"kernel": jnp.asarray(rng.normal(size=32), jnp.float32)}
+  for t in range(3):
+    g = {"kernel": jnp.asarray(rng.normal(size=N), jnp.float32)}
     p_jit, s_jit = step(p_jit, s_jit, g)
     u, s_eager = tx.update(g, s_eager, p_eager)
     p_eager = optax.apply_updates(p_eager, u)
@@ -633,13 +648,13 @@ def test_changing_learning_rate_by_inject_hyperparams_does_not_recompile():
   grid = Grid.uniform(0.1, lo=-1.0, hi=1.0)
   tx = optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
                    qjax.stochastic_rounding(None, 0))
-  params = {"kernel": C.encode_nearest(jnp.zeros(16), grid)}
+  params = {"kernel": C.encode_nearest(jnp.zeros(N), grid)}
   state = tx.init(C.decode_tree(params))
 
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(params, state):
-    u, state = tx.update({"kernel": jnp.ones(16)}, state, params)
+    u, state = tx.update({"kernel": jnp.ones(N)}, state, params)
     return optax.apply_updates(params, u), state
 
   params, state = step(params, state)
