@@ -279,6 +279,8 @@ def _step(tx, params, u):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
 def test_a_zero_update_moves_nothing(dtype):
   codes, floats = _on_grid_params(jax.random.key(0), dtype)
+  for name in ("binary", "kbit3"):  # fewer programs to compile
+    codes.pop(name), floats.pop(name)
   floats["unbounded"] = jnp.asarray(np.arange(-24, 24) * 0.1, jnp.float32
                                     ).astype(dtype)
   floats["unbounded"] = qjax.round_nearest(floats["unbounded"],
@@ -492,10 +494,6 @@ def test_jit_equals_eager_on_codes_bit_for_bit(rng):
     eager = step(jnp.float32(s), x, u)
     jitted = jax.jit(step)(jnp.float32(s), x, u)
     assert _tree_bits(eager) == _tree_bits(jitted)
-  lanes = jax.jit(jax.vmap(step, in_axes=(0, None, None)))(
-      jnp.float32([0.37, 3.0]), x, u)
-  for lane, one in zip(lanes, jitted):
-    assert same_bits(lane["w"].data[1], one["w"].data)
 
 
 def test_scaled_binary_codes_under_vmap_stay_at_plus_minus_s(rng):
@@ -551,31 +549,33 @@ def test_unbounded_grid_walks_stay_on_or_next_to_the_grid(grid, key):
   assert float(jnp.max(jnp.abs(params["w"]))) > 1.0  # it random-walked off 0
 
 
-def _bc_walk(grid, dtype, seed, scale, steps=25):
+BC_GRIDS = ("far", "binary", "kbit3")
+
+
+def _bc_walk(dtype, seed, scale, steps=25):
   key = jax.random.key(seed)
-  tx = qjax.latent_clipping(grid, ALL)
-  params = {"w": jnp.zeros((64,), dtype)}
+  tx = qjax.latent_clipping(_grid_of, ALL)
+  params = {name: jnp.zeros((N,), dtype) for name in BC_GRIDS}
 
   def step(carry, t):
     params, state = carry
-    u = {"w": (scale * jax.random.normal(jax.random.fold_in(key, t),
-                                         (64,))).astype(dtype)}
+    u = {n: (scale * jax.random.normal(jax.random.fold_in(key, t),
+                                       (N,))).astype(dtype) for n in params}
     u, state = tx.update(u, state, params)
     params = optax.apply_updates(params, u)
-    return (params, state), params["w"]
+    return (params, state), params
 
   return jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps))[1]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: d.name)
 def test_bc_latent_weights_stay_in_range(dtype):
-  for name in ("far", "binary", "kbit3"):
-    grid = GRIDS[name]
-    hist = jax.jit(jax.vmap(lambda s, a: _bc_walk(grid, dtype, s, a)))(
-        jnp.arange(3), jnp.float32([0.01, 0.5, 5.0]))
-    v = values(grid, dtype)
+  hist = jax.jit(jax.vmap(lambda s, a: _bc_walk(dtype, s, a)))(
+      jnp.arange(3), jnp.float32([0.01, 0.5, 5.0]))
+  for name in BC_GRIDS:
+    v = values(GRIDS[name], dtype)
     lo, hi = float(v[0]), float(v[-1])
-    h = np.asarray(hist).astype(np.float64)
+    h = np.asarray(hist[name]).astype(np.float64)
     assert np.all((h >= lo) & (h <= hi)), name
     assert np.any(h == hi) and np.any(h == lo)  # the clip is reached
 
