@@ -43,7 +43,6 @@ Command: ``python -m benchmarks.codes_step [--steps 50] [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -58,6 +57,7 @@ from qjax import codes as codes_lib
 from qjax import methods as methods_lib
 from qjax import models as models_lib
 from qjax import quantizers
+from qjax import results as results_lib
 from qjax import train as train_lib
 
 FEATURES = (512, 512)
@@ -244,9 +244,7 @@ def main(argv=None) -> dict:
             "devices": len(jax.devices()), "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "features": FEATURES, "lr": LR}
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    results_lib.write_json(args.out, result)
   return result
 
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +40,7 @@ import jax.numpy as jnp
 from experiments import common
 from qjax import memory
 from qjax import models as models_lib
+from qjax import results as results_lib
 from qjax import train as train_lib
 
 MODELS = {
@@ -171,9 +170,7 @@ def main(argv=None) -> dict:
             "backend": jax.default_backend(), "jax": jax.__version__,
             "batch": args.batch}
   if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    results_lib.write_json(args.out, result)
   return result
 
 

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -76,6 +75,7 @@ import qjax
 from experiments import common
 from qjax import data as data_lib
 from qjax import models as models_lib
+from qjax import results as results_lib
 from qjax import sweep as sweep_lib
 from qjax import train as train_lib
 
@@ -410,9 +410,7 @@ def _write(args, rows: list[dict], cpu_devices: int) -> dict:
       "qjax": getattr(qjax, "__version__", None),
       "python": platform.python_version(),
   }
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  results_lib.write_json(args.out, result)
   return result
 
 

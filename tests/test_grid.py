@@ -468,8 +468,9 @@ def test_bounds_and_steps():
     Grid(0, 1e39)
 
 
-@pytest.mark.parametrize("bits", [0, 17, -1, 1.5, True, "2", np.bool_(True),
-                                  jnp.float32(2.0)])
+@pytest.mark.parametrize("bits", [0, 17, -1, 1.5, 2.5, True, "2",
+                                  np.bool_(True), jnp.float32(2.0),
+                                  jnp.array(True)])
 def test_bad_bits(bits):
   with pytest.raises(ValueError, match=r"bits must be an integer between 1 "
                      r"and 16.*got bits="):
@@ -479,6 +480,8 @@ def test_bad_bits(bits):
 def test_traced_bits_are_a_clear_error():
   with pytest.raises(ValueError, match=r"static Python int.*traced"):
     jax.jit(lambda b: Grid.kbit(b).levels)(2)
+  with pytest.raises(ValueError, match=r"static Python int.*traced"):
+    jax.vmap(lambda b: Grid.kbit(b).levels)(jnp.array([2, 3]))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, "float64", jnp.int8,

@@ -153,19 +153,7 @@ def test_numpy_and_jax_integers_are_accepted():
   assert _bits(d_np) == _bits(d_int)
 
 
-@pytest.mark.parametrize("bits", [2.5, True, 0, 17, np.bool_(True),
-                                  jnp.float32(2.0), jnp.array(True)])
-def test_bad_bits_are_clear_errors(bits):
-  with pytest.raises(ValueError, match=r"bits must be an integer between 1 "
-                     r"and 16.*got bits="):
-    Grid.kbit(bits)
-
-
-def test_traced_bits_are_a_clear_error():
-  with pytest.raises(ValueError, match=r"static Python int.*traced"):
-    jax.jit(lambda b: Grid.kbit(b).levels)(2)
-  with pytest.raises(ValueError, match=r"static Python int.*traced"):
-    jax.vmap(lambda b: Grid.kbit(b).levels)(jnp.array([2, 3]))
+# (bad and traced kbit bits: tests/test_grid.py)
 
 
 # 6. Masks that select nothing; NNX paths.
