@@ -12,7 +12,7 @@ engine's choice is justified by numbers.
 
 Two scopes are timed:
 
-* ``steps``: training steps only (``_Programs.run_epoch`` up to
+* ``steps``: training steps only (``Programs.run_epoch`` up to
   ``jax.block_until_ready``), after a warm-up epoch that compiles.
   Initialisation, shuffling and evaluation are excluded. An epoch is
   ``--steps`` batches of 128: the training set is cut to ``steps * 128``
@@ -130,10 +130,10 @@ def _label(strategy: sweep_lib.Strategy) -> str:
 
 
 class _Runner:
-  """One compiled ``_Programs`` and the inputs to time its epochs on."""
+  """One compiled ``Programs`` and the inputs to time its epochs on."""
 
   def __init__(self, model, config, strategy, x, y):
-    self.programs = sweep_lib._Programs(model, config, strategy)  # pylint: disable=protected-access
+    self.programs = sweep_lib.Programs(model, config, strategy)
     self.data, self.config = (x, y), config
     self.placed = {}  # device count -> (x, y) on those devices, made once
 

@@ -39,6 +39,7 @@ import sys
 import time
 
 from experiments import common
+from qjax import methods as methods_lib
 from qjax import results as results_lib
 
 NAME = "batch_size"
@@ -116,7 +117,7 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   for exp in cfg["experiments"]:
     t1 = time.time()
     records = [common.train_method(exp, m, batch_size=b,
-                                   label=common.LABELS[m], progress=progress)
+                                   label=methods_lib.label(m), progress=progress)
                for m in exp["methods"] for b in exp["batch_sizes"]]
     rows = [{"method": r["label"], "batch_size": r["batch_size"],
              "steps": r["steps"], "test_error": common.error_summary(
@@ -175,18 +176,20 @@ def write(results: dict, out_dir: str) -> None:
 
 def plot(results: dict, out_dir: str) -> list[str]:
   """Per experiment: test error and mean % changed vs batch size."""
-  plt = common.pyplot()
+  from qjax import plotting
   paths = []
   for e in results["experiments"]:
-    fig, (ax_err, ax_flip) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (ax_err, ax_flip) = plotting.figure(1, 2, figsize=(9, 3.6))
     for method in dict.fromkeys(r["method"] for r in e["rows"]):
       rows = [r for r in e["rows"] if r["method"] == method]
       batches = [r["batch_size"] for r in rows]
+      color = plotting.method_color(method)
       ax_err.errorbar(batches, [r["test_error"]["mean"] for r in rows],
                       yerr=[r["test_error"]["std"] for r in rows],
-                      marker="o", capsize=3, label=method)
+                      marker="o", capsize=3, color=color, label=method)
       ax_flip.plot(batches, [sum(r["flips"].values()) / len(r["flips"])
-                             for r in rows], marker="o", label=method)
+                             for r in rows], marker="o", color=color,
+                   label=method)
     batches = sorted({r["batch_size"] for r in e["rows"]})
     for ax, title in ((ax_err, "top-1 test error (%)"),
                       (ax_flip, "% signs changed since init (layer mean)")):

@@ -32,7 +32,6 @@ from qjax import sweep as sweep_lib
 from qjax.train import TrainConfig
 
 SCALES = ("smoke", "cpu", "paper")
-LABELS = {"fp": "ADAM", "bc": "BC-ADAM", "sr": "SR-ADAM", "r": "R-ADAM"}
 
 # Datasets too large for memory: streamed from a prepared TFDS dataset
 # (qjax.data.tfds_stream), (train split, test split).
@@ -188,7 +187,7 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
       "steps_per_epoch": steps_per_epoch,
       "steps": steps_per_epoch * exp["epochs"],
       "seeds": list(exp["seeds"]), "lr": exp["lr"],
-      "eval_mode": methods_lib.EVAL_MODES[method],
+      "eval_mode": methods_lib.get(method).eval_mode,
       "strategy": out["strategy"],
       "test_error": history[-1]["test_error"], "history": history,
       "seconds": time.time() - t0,
@@ -263,22 +262,14 @@ def write_rows(out_dir: str, name: str, rows: list[dict]) -> str:
   return path
 
 
-def pyplot():
-  """matplotlib's pyplot on the Agg backend (no display needed)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def save_figure(fig, out_dir: str, name: str, dpi: int = 110) -> str:
-  """Lays out, writes ``out_dir/name`` as PNG, closes ``fig``; the path."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, name)
+  """Lays out ``fig`` and writes it as ``out_dir/name`` (PNG); the path.
+
+  ``fig`` is a bare ``Figure`` (``qjax.plotting.figure``): nothing to close.
+  """
+  from qjax import plotting
   fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
-  pyplot().close(fig)
-  return path
+  return plotting.save(fig, os.path.join(out_dir, name), dpi=dpi)
 
 
 def parser(name: str, doc: str) -> argparse.ArgumentParser:

@@ -173,18 +173,23 @@ def run(cfg: dict) -> dict:
 
 def plot(results: dict, out_dir: str) -> list[str]:
   """Writes the figures; returns their paths."""
-  plt = common.pyplot()
+  from qjax import plotting
   cfg, sw = results["config"], results["sweeps"]
   deltas, lrs, d = np.asarray(cfg["deltas"]), np.asarray(cfg["lrs"]), results[
       "d"]
   i_d, j_a = min(2, len(deltas) - 1), min(1, len(lrs) - 1)
   paths = []
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plotting.figure(1, 2, figsize=(11, 4))
+  # A method's colour; its several lines on one axes differ by linestyle.
+  sgd = [label for label in sw if "Adam" not in label]
+  adam = [label for label in sw if "Adam" in label]
+  styles = {**plotting.method_styles(sgd, marker=False),
+            **plotting.method_styles(adam, marker=False)}
   for label, r in sw.items():
     ax = axes[1 if "Adam" in label else 0]
     j = j_a if "Adam" not in label else min(1, len(r["lrs"]) - 1)
     ax.semilogy(results["steps"], np.maximum(r["curve"][i_d, j], 1e-8),
-                label=f"{label} (α={r['lrs'][j]:g})")
+                label=f"{label} (α={r['lrs'][j]:g})", **styles[label])
   for ax in axes:
     ax.axhline(convex.sr_floor(d, deltas[i_d], sw["SR"]["G"][i_d, j_a]),
                color="k", ls="--", label="SR floor bound √dΔG/2")
@@ -196,12 +201,15 @@ def plot(results: dict, out_dir: str) -> list[str]:
   paths.append(common.save_figure(
       fig, out_dir, "convex_excess_vs_iterations.png", dpi=90))
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plotting.figure(1, 2, figsize=(11, 4))
+  marked = plotting.method_styles(sgd)
   ax = axes[0]
   for label in ("SR", "R", "BC (Q_s view)", "BC (Q_d view)"):
     if label in sw:
-      ax.loglog(deltas, sw[label]["floor"][:, j_a], "o-", label=label)
+      ax.loglog(deltas, sw[label]["floor"][:, j_a], label=label,
+                **marked[label])
   ax.loglog(deltas, results["big_batch"]["floor"][:, j_a], "s-",
+            color=plotting.method_color("big sr"),
             label=f"SR, batch {cfg['big_batch']}")
   ax.loglog(deltas, convex.sr_floor(d, deltas, sw["SR"]["G"][:, j_a]), "k--",
             label="bound √dΔG/2 (SR)")
@@ -212,7 +220,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
   ax = axes[1]
   for label in ("SR", "R", "BC (Q_s view)", "BC (Q_d view)", "FP"):
     if label in sw:
-      ax.loglog(lrs, sw[label]["floor"][i_d], "o-", label=label)
+      ax.loglog(lrs, sw[label]["floor"][i_d], label=label, **marked[label])
   ax.loglog(lrs, convex.sr_constant_step_bound(
       cfg["num_steps"] * 0.75, lrs, 0.0, sw["SR"]["G"][i_d], d, deltas[i_d]),
       "k--", label="SR bound αG²/2 + √dΔG/2")
@@ -223,10 +231,13 @@ def plot(results: dict, out_dir: str) -> list[str]:
       fig, out_dir, "convex_floor_vs_delta_alpha.png", dpi=90))
 
   th = results["theorem"]
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for i, dl in enumerate(deltas):
-    line, = ax.loglog(th["steps"], th["excess"][i], label=f"SR w̄_T, Δ={dl:g}")
-    ax.loglog(th["steps"], th["bound"][i], "--", color=line.get_color())
+  fig, ax = plotting.figure(figsize=(5.5, 4))
+  # One method (SR) per Δ: the SR colour, lighter for smaller Δ.
+  for i, (dl, color) in enumerate(zip(deltas, plotting.shades(
+      plotting.method_color("sr"), len(deltas)))):
+    ax.loglog(th["steps"], th["excess"][i], color=color,
+              label=f"SR w̄_T, Δ={dl:g}")
+    ax.loglog(th["steps"], th["bound"][i], "--", color=color)
   ax.set_xlabel("T")
   ax.set_ylabel("F(w̄_T) - F*")
   ax.set_title("SR, α_t = 1/(μ(t+t0)): measured (solid) vs bound (dashed)",
@@ -237,16 +248,19 @@ def plot(results: dict, out_dir: str) -> list[str]:
 
   if "logistic" in results:
     lw = results["logistic"]["sweeps"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plotting.figure(1, 2, figsize=(11, 4))
+    sr_color = plotting.method_color("sr")
     for j, a in enumerate(lrs):
-      axes[0].loglog(deltas, lw["SR"]["floor"][:, j], "o-", label=f"SR α={a:g}")
+      axes[0].loglog(deltas, lw["SR"]["floor"][:, j], color=sr_color,
+                     label=f"SR α={a:g}", **plotting.variant(j))
     axes[0].loglog(deltas, convex.sr_floor(
         results["logistic"]["d"], deltas, lw["SR"]["G"][:, j_a]), "k--",
         label="bound √dΔG/2")
     axes[0].set_xlabel("Δ")
     axes[0].set_title(f"logistic {results['logistic']['name']}: SR floor")
     for label in ("SR", "BC (Q_s view)", "FP"):
-      axes[1].loglog(lrs, lw[label]["floor"][i_d], "o-", label=label)
+      axes[1].loglog(lrs, lw[label]["floor"][i_d], label=label,
+                     color=plotting.method_color(label), marker="o")
     axes[1].set_xlabel("α")
     axes[1].set_title(f"floor vs α (Δ={deltas[i_d]:g})")
     for ax in axes:

@@ -189,18 +189,21 @@ def run(cfg: dict) -> dict:
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
-  plt = common.pyplot()
+  from qjax import plotting
+  sr = plotting.method_color("sr")  # every chain here is SR's
   paths = []
   f1 = results["figure1"]
   al = np.array([r["alpha"] for r in f1["rows"]])
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  axes[0].loglog(al, [r["p_move"] for r in f1["rows"]], "o-", label="P(move)")
+  fig, axes = plotting.figure(1, 2, figsize=(10, 3.8))
+  axes[0].loglog(al, [r["p_move"] for r in f1["rows"]], "o-", color=sr,
+                 label="P(move)")
   axes[0].loglog(al, al * f1["rows"][-1]["p_move"] / al[-1], "k--",
                  label="∝ α")
   axes[0].set_xlabel("α")
   axes[0].legend()
   axes[0].set_title(f"SR from x={f1['x']:.1f}: chance to move")
-  axes[1].semilogx(al, [r["p_up_given_move"] for r in f1["rows"]], "o-")
+  axes[1].semilogx(al, [r["p_up_given_move"] for r in f1["rows"]], "o-",
+                   color=sr)
   axes[1].set_ylim(0, 1)
   axes[1].set_xlabel("α")
   axes[1].set_title("P(up | move): direction odds")
@@ -208,20 +211,23 @@ def plot(results: dict, out_dir: str) -> list[str]:
       fig, out_dir, "markov_figure1.png", dpi=80))
 
   lim = results["limit"]
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  fig, axes = plotting.figure(1, 3, figsize=(14, 3.8))
   x = results["axis"]
-  for a, pi in results["stationary"].items():
-    axes[0].plot(x, pi, label=f"π_α, α={a:g}")
+  stationary = results["stationary"]
+  for i, ((a, pi), color) in enumerate(zip(
+      stationary.items(), plotting.shades(sr, len(stationary)))):
+    axes[0].plot(x, pi, color=color, label=f"π_α, α={a:g}",
+                 **plotting.variant(i, marker=False))
   axes[0].plot(x, lim["pi0"], "k--", label="π_0 (limit)")
   axes[0].set_xlabel("x")
   axes[0].legend(fontsize=7)
   axes[0].set_title("stationary distributions, f'(x)=x³-x+0.2")
   ra = np.array([r["alpha"] for r in lim["rows"]])
   axes[1].loglog(ra, [max(r["tv_to_limit"], 1e-16) for r in lim["rows"]],
-                 "o-")
+                 "o-", color=sr)
   axes[1].set_xlabel("α")
   axes[1].set_title("TV(π_α, π_0)")
-  axes[2].loglog(ra, [r["mixing_time"] for r in lim["rows"]], "o-",
+  axes[2].loglog(ra, [r["mixing_time"] for r in lim["rows"]], "o-", color=sr,
                  label=f"slope {lim['mixing_slope_small_alpha']:.2f} (α<=0.1)")
   axes[2].set_xlabel("α")
   axes[2].set_title("0.25-mixing time")
@@ -230,8 +236,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
       fig, out_dir, "markov_limit_mixing.png", dpi=80))
 
   ev = results["exact_vs_simulated"]
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  ax.bar(x, ev["simulated_T"], width=0.08, alpha=0.5, label="simulated")
+  fig, ax = plotting.figure(figsize=(5.5, 3.8))
+  ax.bar(x, ev["simulated_T"], width=0.08, alpha=0.5, color=sr,
+         label="simulated")
   ax.plot(x, ev["exact_T"], "k.-", label="exact P^T")
   ax.set_title(f"α={ev['alpha']:g}, T={ev['steps']}: TV={ev['tv']:.4f} "
                f"(tol {ev['tol']:.4f})", fontsize=9)
@@ -241,7 +248,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
 
   toy = results["toy2d"]
   runs, n = toy["runs"], len(toy["chain"].axis)
-  fig, axes = plt.subplots(2, len(runs), figsize=(3.3 * len(runs), 6.4))
+  fig, axes = plotting.figure(2, len(runs), figsize=(3.3 * len(runs), 6.4),
+                              squeeze=False)
   ext = (toy["chain"].lo, toy["chain"].hi) * 2
   for j, (a, r) in enumerate(runs.items()):
     for i, m in enumerate(("sr", "bc")):

@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from experiments import common
+from qjax import methods as methods_lib
 from qjax import results as results_lib
 
 NAME = "sign_flips"
@@ -116,7 +117,7 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   for exp in cfg["experiments"]:
     t1 = time.time()
     records = [common.train_method(exp, m, batch_size=exp["batch_size"],
-                                   label=common.LABELS[m], progress=progress)
+                                   label=methods_lib.label(m), progress=progress)
                for m in exp["methods"]]
     final = {r["label"]: common.final_flips(r) for r in records}
     results["experiments"].append({
@@ -162,20 +163,23 @@ def write(results: dict, out_dir: str) -> None:
 
 def plot(results: dict, out_dir: str) -> list[str]:
   """Per experiment, a panel per layer: % changed vs epoch, a line a method."""
-  plt = common.pyplot()
+  from qjax import plotting
   paths = []
   for e in results["experiments"]:
     layers = list(next(iter(e["curves"].values())))
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers), 3.4),
-                             squeeze=False)
+    fig, axes = plotting.figure(1, len(layers),
+                                figsize=(3.8 * len(layers), 3.4),
+                                squeeze=False)
     for ax, layer in zip(axes[0], layers):
       for label, per_layer in e["curves"].items():
         # Epoch 0 is the initialization, where no sign has changed yet.
         mean = np.array([0.0] + per_layer[layer]["mean"])
         std = np.array([0.0] + per_layer[layer]["std"])
         epochs = np.arange(len(mean))
-        ax.plot(epochs, mean, marker="o", label=label)
-        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+        color = plotting.method_color(label)
+        ax.plot(epochs, mean, marker="o", color=color, label=label)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2,
+                        color=color)
       ax.set_title(layer)
       ax.set_xticks(epochs)
       ax.set_xlabel("epoch")

@@ -261,17 +261,18 @@ def write(results: dict, out_dir: str) -> None:
 
 def plot(results: dict, out_dir: str) -> list[str]:
   """One panel per experiment: test error per method, mean ± std."""
-  plt = common.pyplot()
   from matplotlib import ticker
+
+  from qjax import plotting
   exps = results["experiments"]
-  fig, axes = plt.subplots(1, len(exps), figsize=(4.2 * len(exps), 3.6),
-                           squeeze=False)
+  fig, axes = plotting.figure(1, len(exps), figsize=(4.2 * len(exps), 3.6),
+                              squeeze=False)
   for ax, e in zip(axes[0], exps):
     labels = [r["label"] for r in e["rows"]]
     mean = [e["summary"][l]["mean"] for l in labels]
     std = [e["summary"][l]["std"] for l in labels]
     ax.bar(range(len(labels)), mean, yerr=std, capsize=3,
-           color=["0.5", "C0", "C2", "C1", "C3"][:len(labels)])
+           color=[plotting.method_color(l) for l in labels])
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yscale("log")
     plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")

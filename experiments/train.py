@@ -25,8 +25,10 @@ the same command resumes; a checkpoint of a different run is refused, see
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -34,6 +36,7 @@ import time
 from experiments import common
 from qjax import checkpoint as ckpt_lib
 from qjax import data as data_lib
+from qjax import grids as grids_lib
 from qjax import memory as memory_lib
 from qjax import methods as methods_lib
 from qjax import models
@@ -41,7 +44,6 @@ from qjax import results as results_lib
 from qjax import sweep as sweep_lib
 from qjax import train as train_lib
 
-LABELS = {"fp": "ADAM", "bc": "BC-ADAM", "sr": "SR-ADAM", "r": "R-ADAM"}
 PROG = "python -m experiments.train"
 # --smoke changes these defaults; flags given explicitly still win.
 SMOKE = {"dataset": "digits", "epochs": 1, "seeds": (0, 1),
@@ -70,9 +72,32 @@ def parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
   p.add_argument("--mlp-features", type=common.int_list(1, distinct=False),
                  default="256,256",
                  help="hidden sizes of the MLP, comma-separated")
-  p.add_argument("--methods", type=common.name_list(methods_lib.METHODS),
-                 default="fp,bc,sr,r", help="comma-separated, from "
-                 f"{{{','.join(methods_lib.METHODS)}}}")
+  p.add_argument("--import", dest="imports", action="append", default=[],
+                 metavar="MODULE",
+                 help="import MODULE first (repeatable): a module that "
+                 "registers methods with qjax.methods.register makes them "
+                 "available to --methods")
+  names = methods_lib.names()
+  p.add_argument("--methods", type=common.name_list(names),
+                 default="fp,bc,sr,r", help="comma-separated registered "
+                 "methods: " + "; ".join(
+                     f"{n} ({methods_lib.get(n).doc})" for n in names))
+  p.add_argument("--grids", type=_grid_list, default="glorot",
+                 help="comma-separated grids of the quantized layers, each "
+                 "trained as its own program: glorot (BinaryConnect's "
+                 "per-layer ±H), binary[:S] (±S; binary is the paper's ±1), "
+                 "ternary[:S], kbit:B[:S] (2**B levels on [-S, S]), "
+                 "uniform:D[:LO:HI] (spacing D through 0), each optionally "
+                 "@glorot (times the layer's H); e.g. ternary,kbit:4")
+  p.add_argument("--sweep", dest="sweeps", action="append", default=[],
+                 type=_sweep_axis, metavar="NAME=V1,V2",
+                 help="sweep another hyperparameter (repeatable), e.g. "
+                 "--sweep threshold=1e-8,1e-6 --sweep gamma=1e-4 for bop, "
+                 "or --sweep weight_decay=0,1e-4; names are checked against "
+                 "each method (see qjax.methods.hparam_names)")
+  p.add_argument("--validation", type=_validation, default=None,
+                 help="hold out the last N (or this fraction of the) "
+                 "training examples and report val_error each epoch")
   p.add_argument("--optimizer", default="adam",
                  choices=methods_lib.OPTIMIZERS,
                  help="base step: adam (the paper's -ADAM variants) or sgd")
@@ -117,6 +142,63 @@ def parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                  "seeds 0,1, MLP 64, batch 64 (explicit flags still win)")
   common.add_cpu_devices_flag(p)
   return p
+
+
+def _grid_list(text: str) -> tuple[str, ...]:
+  specs = []
+  for item in text.split(","):
+    try:
+      specs.append(str(grids_lib.parse(item)))
+    except ValueError as err:
+      raise argparse.ArgumentTypeError(str(err)) from None
+  if len(set(specs)) != len(specs):
+    raise argparse.ArgumentTypeError(f"repeated grid in {text!r}")
+  return tuple(specs)
+
+
+def _sweep_axis(text: str) -> tuple[str, tuple[float, ...]]:
+  name, sep, values = text.partition("=")
+  if not sep or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise argparse.ArgumentTypeError(
+        f"expected NAME=V1,V2 (e.g. threshold=1e-8,1e-6); got {text!r}")
+  if name in ("lr", "lrs", "seed", "seeds", "grid_scale", "grid_scales"):
+    raise argparse.ArgumentTypeError(
+        f"{name} has its own flag (--lrs, --seeds, --grid-scales)")
+  try:
+    parsed = tuple(float(v) for v in values.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{name}: values must be numbers; got {values!r}") from None
+  if len(set(parsed)) != len(parsed):
+    raise argparse.ArgumentTypeError(f"{name}: repeated values in {values!r}")
+  return name, parsed
+
+
+def _validation(text: str):
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a count or a fraction; got "
+                                     f"{text!r}") from None
+  if 0 < value < 1:
+    return value
+  if value >= 1 and value == int(value):
+    return int(value)
+  raise argparse.ArgumentTypeError(
+      f"expected a count >= 1 or a fraction in (0, 1); got {text!r}")
+
+
+def import_plugins(argv: list[str]) -> None:
+  """Imports every ``--import MODULE`` before the parser lists methods."""
+  for i, token in enumerate(argv):
+    module = (argv[i + 1] if token == "--import" and i + 1 < len(argv) else
+              token.split("=", 1)[1] if token.startswith("--import=") else
+              None)
+    if module:
+      try:
+        importlib.import_module(module)
+      except ImportError as err:
+        raise UsageError(f"--import {module}: {err}") from None
 
 
 def config_tokens(p: argparse.ArgumentParser, path: str) -> list[str]:
@@ -173,6 +255,7 @@ def _scalar(value) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
   """Flags, with a ``--config`` file's keys parsed by the same parser."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  import_plugins(argv)
   p = parser()
   first = p.parse_args(argv)  # every flag checked once, as given
   tokens = config_tokens(p, first.config) if first.config else []
@@ -195,15 +278,37 @@ class Plan:
     self.model = _model(args, self.dataset.num_classes)
     self.strategy = (None if args.strategy == "auto" else sweep_lib.Strategy(
         *args.strategy.split("-")))
-    self.spec = sweep_lib.SweepSpec(seeds=args.seeds, lrs=args.lrs,
-                                    grid_scales=args.grid_scales)
+    names = [name for name, _ in args.sweeps]
+    if len(set(names)) != len(names):
+      raise UsageError(f"--sweep repeats a name: {names}")
+    # A swept name applies to the methods that have it; a name that none of
+    # them has is a typo, and an error rather than a silent no-op.
+    unknown = [n for n in names if not any(
+        n in methods_lib.hparam_names(m) for m in args.methods)]
+    if unknown:
+      raise UsageError(
+          f"--sweep {', '.join(unknown)}: no method in --methods "
+          f"{','.join(args.methods)} has such a hyperparameter; they accept "
+          + "; ".join(f"{m}: {', '.join(methods_lib.hparam_names(m))}"
+                      for m in args.methods))
+    self.specs = {m: sweep_lib.SweepSpec(
+        seeds=args.seeds, lrs=args.lrs, grid_scales=args.grid_scales,
+        hparams={n: v for n, v in args.sweeps
+                 if n in methods_lib.hparam_names(m)})
+        for m in args.methods}
     mask = args.mask if args.mask != "auto" else (
         "conv" if args.model in sweep_lib.CONV_MODELS else "all")
+    # One program per (method, grid); the key names the run's checkpoints.
+    self.configs = {}
     try:
-      self.configs = {m: train_lib.TrainConfig(
-          method=m, optimizer=args.optimizer, mask=mask,
-          batch_size=args.batch_size, epochs=args.epochs,
-          lr_decay_epochs=args.lr_decay_epochs) for m in args.methods}
+      for m in args.methods:
+        spec = methods_lib.get(m)
+        for g in (args.grids if spec.quantized else args.grids[:1]):
+          key = m if g == "glorot" else f"{m}_{_safe(g)}"
+          self.configs[key] = train_lib.TrainConfig(
+              method=m, optimizer=args.optimizer, mask=mask, grid=g,
+              batch_size=args.batch_size, epochs=args.epochs,
+              lr_decay_epochs=args.lr_decay_epochs)
     except ValueError as err:
       raise UsageError(str(err).replace("lr_decay_epochs", "--lr-decay-epochs")
                        ) from None
@@ -212,6 +317,19 @@ class Plan:
       raise UsageError(f"--batch-size {args.batch_size} exceeds the {n} "
                        f"training examples of {args.dataset}; choose at most "
                        f"{n}")
+
+  def spec(self, key: str) -> sweep_lib.SweepSpec:
+    """The sweep of run ``key``: the swept names its method has."""
+    return self.specs[self.configs[key].method]
+
+  def label(self, key: str) -> str:
+    """``"SR-ADAM"``, with the grid when it is not the default one."""
+    config = self.configs[key]
+    label = config.label
+    quantized = methods_lib.get(config.method).quantized
+    if quantized and (len(self.args.grids) > 1 or config.grid != "glorot"):
+      label += f" [{config.grid}]"
+    return label
 
   def checkpoint_dir(self, method: str) -> str | None:
     if self.args.no_checkpoint:
@@ -226,9 +344,14 @@ class Plan:
       directory = self.checkpoint_dir(method)
       if directory:
         sweep_lib.check_resumable(
-            self.model, self.dataset, config, self.spec, directory,
+            self.model, self.dataset, config, self.spec(method), directory,
             model_name=self.args.model, strategy=self.strategy,
-            max_configs_per_chunk=self.args.max_configs_per_chunk)
+            max_configs_per_chunk=self.args.max_configs_per_chunk,
+            validation=self.args.validation)
+
+
+def _safe(grid: str) -> str:
+  return re.sub(r"[^A-Za-z0-9.]+", "_", grid)
 
 
 def _load_dataset(args) -> data_lib.Dataset:
@@ -275,16 +398,16 @@ def _train(plan: Plan) -> dict:
   for method, config in plan.configs.items():
     t0 = time.time()
     out = sweep_lib.sweep(
-        plan.model, plan.dataset, config, plan.spec, model_name=args.model,
+        plan.model, plan.dataset, config, plan.spec(method), model_name=args.model,
         strategy=plan.strategy,
         max_configs_per_chunk=args.max_configs_per_chunk,
         checkpoint_dir=plan.checkpoint_dir(method), fresh=args.fresh,
-        progress=not args.no_progress)
-    label = LABELS[method] if args.optimizer == "adam" else method.upper()
-    runs.append({"label": label, "method": method, "configs": out["configs"],
+        progress=not args.no_progress, validation=args.validation)
+    runs.append({"label": plan.label(method), "method": config.method,
+                 "grid": config.grid, "configs": out["configs"],
                  "strategy": out["strategy"],
                  "train_config": out["train_config"],
-                 "eval_mode": methods_lib.EVAL_MODES[method],
+                 "eval_mode": methods_lib.get(config.method).eval_mode,
                  "grids": _grids(config, out),
                  "memory": _memory(plan, config, out),
                  "history": out["history"], "seconds": time.time() - t0})

@@ -103,9 +103,9 @@ def _method_name(method) -> str | None:
         f"export: method must be None, a name such as 'bc' or 'sr-adam', or "
         f"a qjax.Method; got {type(method).__name__}.")
   base = name.split("-")[0]
-  if base not in methods_lib.METHODS:
+  if base not in methods_lib.names():
     raise ValueError(
-        f"export: method must be one of {methods_lib.METHODS} (optionally "
+        f"export: method must be one of {methods_lib.names()} (optionally "
         f"with an optimizer suffix such as 'bc-adam'); got {name!r}.")
   return base
 
@@ -129,13 +129,15 @@ def _path_entry(entry) -> list:
 def _quantized_view(params, method, mask, grid):
   """``params`` with the leaves to export as codes encoded (nearest)."""
   name = _method_name(method)
-  if name == "fp":
+  if name is not None and not methods_lib.get(name).quantized:
     if grid is not None:
       raise ValueError(
           "export: method 'fp' has no quantized view; drop grid= (or pass "
           "method='bc' to export latent weights as their binary view).")
     return params
-  if name == "bc" and grid is None:
+  latent = (name is not None
+            and methods_lib.get(name).stores == "float latent")
+  if latent and grid is None:
     grid = quantizers.glorot_binary_grid  # methods.make's default grid
   masked = quantizers.resolve_mask(mask, params, allow_empty=True)
   leaves, treedef = jax.tree_util.tree_flatten(params,

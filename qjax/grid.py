@@ -892,7 +892,8 @@ def contains(x, grid: Grid, dtype=None):
   Points as stored in ``dtype`` (default ``x``'s dtype), bit for bit: a
   value produced by a qjax quantizer or decoded from codes always passes.
   """
-  from qjax import quantizers  # local import: quantizers depends on grid.
   x = jnp.asarray(x)
-  dtype = dtype or x.dtype
-  return quantizers.round_nearest(x, grid, dtype).astype(x.dtype) == x
+  dtype = check_dtype(dtype or x.dtype, "contains")
+  points = Points(check_grid(grid, "contains"), dtype)
+  q = points.value(points.nearest(as_float32(x, "contains")))
+  return q.astype(x.dtype) == x

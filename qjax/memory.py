@@ -18,7 +18,8 @@ sum of ``nbytes`` over ``jax.tree.leaves(state)``. Categories:
   one of each per parameter, also for weights stored as codes), step
   counts, SR's rounding key, the non-finite counters of
   :func:`qjax.skip_nonfinite`.
-* ``batch_stats``: BatchNorm running means and variances.
+* ``batch_stats``: the model's other state (``TrainState.model_state``):
+  BatchNorm running means and variances, an NNX model's RNG state.
 * ``diagnostics``: what the state keeps only to report on training, and
   bookkeeping: ``init_signs`` (the packed initial signs of the quantized
   leaves, 1 bit per weight, for the sign-flip diagnostic), and the scalars
@@ -226,7 +227,7 @@ def memory_report(state, mask=None, *, configs: int | None = None) -> dict:
         row["optimizer_bytes"] += nbytes
     sizes["batch_stats"] = sum(
         _per_config(leaf_nbytes(x), x, configs, "batch_stats")
-        for x in jax.tree.leaves(state.batch_stats))
+        for x in jax.tree.leaves(state.model_state))
     for field in _DIAGNOSTIC_FIELDS:
       nbytes = sum(_per_config(leaf_nbytes(x), x, configs, field)
                    for x in jax.tree.leaves(getattr(state, field)))

@@ -535,16 +535,44 @@ def glorot_binary_grid(path: tuple[str, ...], leaf) -> Grid:
   return Grid.binary(glorot_scale(leaf_shape(leaf)))
 
 
-def _map_masked(fn, params, mask, grids, key):
-  """Applies ``fn(key_or_None, leaf, grid)`` to masked leaves only."""
+def grid_bounds(grid: Grid, dtype=jnp.float32) -> tuple[Array, Array]:
+  """A bounded grid's lowest and highest stored points in ``dtype``."""
+  if not grid.bounded:
+    raise ValueError(f"grid {grid} is unbounded: it has no end points.")
+  points = grid_lib.Points(grid, dtype)
+  return points.v[0], points.v[-1]
+
+
+def map_masked(fn, params, mask, grids, key, updates=None):
+  """Applies ``fn`` to the masked leaves of ``params`` only.
+
+  The one walker over (params, mask, grids[, updates]) that the quantizers,
+  the update rules and the methods share: :class:`~qjax.Codes` count as
+  leaves, and ``key`` (or ``None``) is split into one key per leaf.
+
+  Args:
+    fn: ``fn(key_or_None, leaf, grid)``, or with ``updates``
+      ``fn(key_or_None, leaf, grid, update)``.
+    params: the parameter tree.
+    mask: a resolved boolean tree like ``params`` (:func:`resolve_mask`).
+    grids: a tree like ``params`` of Grids (or None), e.g.
+      :func:`resolve_grids`.
+    key: ``None`` or a key.
+    updates: optional tree like ``params``; an unmasked leaf then maps to
+      its update (an optax rule passes those through), else to itself.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(params,
                                                is_leaf=codes_lib.is_codes)
   masks = treedef.flatten_up_to(mask)
   grid_leaves = treedef.flatten_up_to(grids)
   keys = ([None] * len(leaves) if key is None
           else list(jax.random.split(key, len(leaves))))
-  out = [fn(k, leaf, g) if m else leaf
-         for k, leaf, m, g in zip(keys, leaves, masks, grid_leaves)]
+  if updates is None:
+    out = [fn(k, leaf, g) if m else leaf
+           for k, leaf, m, g in zip(keys, leaves, masks, grid_leaves)]
+  else:
+    out = [fn(k, leaf, g, u) if m else u for k, leaf, m, g, u in zip(
+        keys, leaves, masks, grid_leaves, treedef.flatten_up_to(updates))]
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -587,5 +615,5 @@ def quantize(params: PyTree, quantizer: Callable[..., Array] = round_nearest,
     q = quantizer(w, *args) if k is None else quantizer(k, w, *args)
     return straight_through_value(w, q, clip)
 
-  return _map_masked(quantize_leaf, params, mask, grids, key)
+  return map_masked(quantize_leaf, params, mask, grids, key)
 

@@ -158,37 +158,38 @@ def plot_curves(path: str, runs: list[dict]) -> None:
   """Test error, train loss and sign changes per epoch, one line a group.
 
   A group is a run's configs with equal hyperparameters (all but the seed):
-  lines show the mean over seeds, bands the std over seeds.
+  lines show the mean over seeds, bands the std over seeds. A run's lines
+  have its method's colour (``qjax.plotting.method_color``); its groups
+  differ by linestyle and marker. Draws on a bare ``Figure``: pyplot and
+  the process' matplotlib backend are left alone.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  from qjax import plotting
+  fig, axes = plotting.figure(1, 3, figsize=(13, 3.6))
   names = _varying(runs)
   for run in runs:
     epochs = [r["epoch"] for r in run["history"]]
-    for hp, idx in groups(run, names):
+    color = plotting.method_color(run["label"])
+    for g, (hp, idx) in enumerate(groups(run, names)):
       label = group_label(run, hp)
+      style = dict(color=color, label=label, **plotting.variant(g))
       for ax, key in zip(axes[:2], ("test_error", "train_loss")):
         values = np.array([[_num(r[key][i]) for i in idx]
                            for r in run["history"]])
         mean, std = values.mean(1), values.std(1)
-        line, = ax.plot(epochs, mean, marker="o", label=label)
+        ax.plot(epochs, mean, **style)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2,
-                        color=line.get_color())
+                        color=color)
       flips = [np.mean([np.mean([v[i] for i in idx])
                         for v in r["sign_flips"].values()])
                if r["sign_flips"] else 0.0 for r in run["history"]]
-      axes[2].plot(epochs, 100 * np.asarray(flips), marker="o", label=label)
+      axes[2].plot(epochs, 100 * np.asarray(flips), **style)
   for ax, title in zip(axes, ("test error", "train loss",
                               "% weights with sign changed since init")):
     ax.set_title(title)
     ax.set_xlabel("epoch")
   axes[0].legend(fontsize="small")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save(fig, path, dpi=110)
 
 
 def _num(v) -> float:

@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qjax import methods as methods_lib
+from qjax import network as network_lib
 from qjax import train as train_lib
 from qjax.data import batching
 
@@ -76,16 +78,25 @@ class Strategy:
 CONV_MODELS = ("cnn", "vgg9", "vgg_bc", "resnet56", "wrn56_2", "resnet18")
 
 
-def choose_strategy(model_name: str, backend: str | None = None) -> Strategy:
-  """The measured-fastest strategy for ``model_name`` on ``backend``.
+def choose_strategy(params_or_name, backend: str | None = None) -> Strategy:
+  """The measured-fastest strategy for a model on ``backend``.
 
   On CPU a convnet runs as a Python loop of unbatched jitted steps, config
   after config (a scanned or vmapped conv step measured several times slower
   there: ``benchmarks/sweep_throughput.py``); MLPs, and every model on
   GPU/TPU, use a scanned epoch with vmapped configs.
+
+  Args:
+    params_or_name: the model's parameter tree (arrays or shape structs): a
+      convnet is one with a rank-4 kernel
+      (:func:`qjax.network.has_conv_kernels`); or a name from
+      :data:`CONV_MODELS`.
+    backend: default: JAX's default backend.
   """
   backend = backend or jax.default_backend()
-  if backend == "cpu" and model_name in CONV_MODELS:
+  conv = (params_or_name in CONV_MODELS if isinstance(params_or_name, str)
+          else network_lib.has_conv_kernels(params_or_name))
+  if backend == "cpu" and conv:
     return Strategy(steps="loop", configs="loop")
   return Strategy(steps="scan", configs="vmap")
 
@@ -126,14 +137,20 @@ def cpu_devices(count: int | None = None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
-  """The cartesian product of seeds, learning rates and grid scales.
+  """The cartesian product of seeds and any named hyperparameters.
 
-  ``grid_scales`` multiply every quantized layer's binary scale H (the grid
-  spacing Δ = 2 s H); ``None`` keeps BinaryConnect's H and adds no axis.
+  ``lrs`` are the base learning rates; ``grid_scales`` multiply every
+  quantized layer's grid (its spacing Δ); ``None`` adds no axis.
+  ``hparams`` maps any other hyperparameter name (``"weight_decay"``, a
+  method's own such as Bop's ``"threshold"`` and ``"gamma"``) to its values;
+  the names are checked against the method when the sweep runs (a typo is
+  an error). Every swept value is an array in the compiled program, so the
+  whole product compiles once.
   """
   seeds: tuple[int, ...] = (0,)
   lrs: tuple[float, ...] = (1e-2,)
   grid_scales: tuple[float, ...] | None = None
+  hparams: Any = ()
 
   def __post_init__(self):
     _check_values("seeds", self.seeds, _is_seed, "distinct ints in "
@@ -143,19 +160,47 @@ class SweepSpec:
     if self.grid_scales is not None:
       _check_values("grid_scales", self.grid_scales, _is_positive_float32,
                     "distinct positive numbers, finite in float32")
+    items = (tuple(self.hparams.items()) if isinstance(self.hparams, dict)
+             else tuple(self.hparams))
+    names = [k for k, _ in items]
+    for name, values in items:
+      if not isinstance(name, str) or name in ("seed", "lr", "grid_scale"):
+        raise ValueError(
+            f"SweepSpec.hparams: {name!r} is not a name to sweep there "
+            "(seeds, lrs and grid_scales have their own fields).")
+      _check_values(f"hparams[{name!r}]", tuple(values), _is_finite_float32,
+                    "distinct numbers, finite in float32")
+    if len(set(names)) != len(names):
+      raise ValueError(f"SweepSpec.hparams repeats a name: {names}.")
+    object.__setattr__(self, "hparams", tuple(
+        (name, tuple(float(v) for v in values)) for name, values in items))
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """The swept hyperparameter names (not the seed), in config order."""
+    return (("lr",) + (("grid_scale",) if self.grid_scales else ())
+            + tuple(k for k, _ in self.hparams))
 
   def configs(self) -> list[dict]:
-    scales = self.grid_scales or (None,)
-    out = []
-    for s, lr, g in itertools.product(self.seeds, self.lrs, scales):
-      out.append({"seed": int(s), "lr": float(lr)} if g is None else
-                 {"seed": int(s), "lr": float(lr), "grid_scale": float(g)})
-    return out
+    axes = [("seed", tuple(int(s) for s in self.seeds)),
+            ("lr", tuple(float(v) for v in self.lrs))]
+    if self.grid_scales:
+      axes.append(("grid_scale", tuple(float(v) for v in self.grid_scales)))
+    axes += list(self.hparams)
+    return [dict(zip([k for k, _ in axes], values))
+            for values in itertools.product(*[v for _, v in axes])]
 
 
 def _is_seed(v) -> bool:
   return (isinstance(v, (int, np.integer)) and not isinstance(v, bool)
           and 0 <= v < 2**32)
+
+
+def _is_finite_float32(v) -> bool:
+  if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+    return False
+  with np.errstate(over="ignore"):
+    return bool(np.isfinite(np.float32(v)))
 
 
 def _is_positive_float32(v) -> bool:
@@ -293,21 +338,32 @@ def _stack_lanes(lanes: list):
   return jax.tree.structure(lanes[0]).unflatten(out)
 
 
-class _Programs:
-  """The jitted per-chunk programs of one (model, config, strategy)."""
+class Programs:
+  """The jitted per-chunk programs of one (model, config, strategy, task).
 
-  def __init__(self, model, config, strategy: Strategy):
+  Public seams for benchmarks and custom loops: ``init(keys, sample_x,
+  hps)``, ``step(states, x, y, idx, hps)``, ``epoch(...)``, ``eval(states,
+  x, y, hps)``, each over a leading config axis as ``strategy.configs``
+  says. The method is built from each config's (traced) ``hps`` inside the
+  traced program: with its key at ``init``, without one in the step (its
+  randomness lives in the optimizer state) and in evaluation.
+  """
+
+  def __init__(self, model, config, strategy: Strategy,
+               task: train_lib.Task = train_lib.CLASSIFICATION):
     how = strategy.configs
+    network = network_lib.as_network(model)
 
     def init_one(key, sample_x, hp):
-      return train_lib.init_state(model, config, key, sample_x, hp)
+      return train_lib.init_state(network, config, key, sample_x, hp)
 
     def step_one(state, x_all, y_all, idx, hp):
-      return train_lib.train_step(model, config, state,
-                                  (x_all[idx], y_all[idx]), hp)
+      return train_lib.train_step(network, config, state,
+                                  (x_all[idx], y_all[idx]), hp, task=task)
 
     def shared_step_one(state, x, y, hp):  # one streamed batch for all configs
-      return train_lib.train_step(model, config, state, (x, y), hp)
+      return train_lib.train_step(network, config, state, (x, y), hp,
+                                  task=task)
 
     def epoch_one(state, x_all, y_all, idx, hp):
       def body(s, i):
@@ -316,7 +372,8 @@ class _Programs:
       return state, jax.tree.map(jnp.mean, metrics)
 
     def eval_one(state, x, y, hp):
-      out = train_lib.evaluate(model, config, state, x, y, hparams=hp)
+      out = train_lib.evaluate(network, config, state, x, y, hparams=hp,
+                               task=task)
       out["sign_flips"] = train_lib.sign_flips(config, state)
       return out
 
@@ -389,14 +446,16 @@ class _Programs:
 
 
 @functools.lru_cache(maxsize=32)
-def _programs(model, config, strategy: Strategy) -> _Programs:
+def programs(model, config, strategy: Strategy,
+             task: train_lib.Task = train_lib.CLASSIFICATION) -> Programs:
   """Compiled programs, shared by every sweep of the same model and config.
 
-  Flax modules and the frozen configs are hashable, so a second sweep (another
-  seed set, another batch of learning rates, a later chunk) reuses the jitted
-  functions and XLA's compiled executables instead of recompiling.
+  Flax modules, NNX constructors and the frozen configs are hashable, so a
+  second sweep (another seed set, another batch of learning rates, a later
+  chunk) reuses the jitted functions and XLA's compiled executables instead
+  of recompiling.
   """
-  return _Programs(model, config, strategy)
+  return Programs(model, config, strategy, task)
 
 
 def _config_sharding(num_configs: int, pad: bool | None = None):
@@ -447,7 +506,9 @@ def _pad_configs(configs: list[dict], multiple: int) -> list[dict]:
 
 
 def fingerprint(model, dataset, config: train_lib.TrainConfig,
-                configs: list[dict], strategy: Strategy) -> dict:
+                configs: list[dict], strategy: Strategy,
+                task: train_lib.Task = train_lib.CLASSIFICATION,
+                validation: tuple | None = None) -> dict:
   """Everything that determines a chunk's run, as JSON-able values.
 
   A checkpoint records it; resuming with another fingerprint is refused
@@ -466,14 +527,20 @@ def fingerprint(model, dataset, config: train_lib.TrainConfig,
       "strategy": dataclasses.asdict(strategy),
       "dataset": describe_dataset(dataset),
       "model": model_definition(model),
+      "task": task.name,
+      "validation": (None if validation is None else
+                     _hash_arrays(tuple(_Hashable(a) for a in validation))),
       "versions": {"qjax": qjax.__version__, "jax": _jax.__version__,
                    "jaxlib": jaxlib.__version__},
   }
 
 
 def model_definition(model) -> str:
-  """``repr(model)`` without memory addresses (stable across processes)."""
-  return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(model))
+  """The model's definition without memory addresses (stable across
+  processes): ``repr`` of a Linen module, the graph of an NNX model."""
+  if isinstance(model, str):
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", model)
+  return network_lib.as_network(model).definition
 
 
 class _Hashable:
@@ -516,7 +583,9 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
               configs: list[dict], strategy: Strategy, *,
               checkpoint_dir: str | None = None, fresh: bool = False,
               progress: bool = True,
-              on_epoch: Callable | None = None) -> dict:
+              on_epoch: Callable | None = None,
+              task: train_lib.Task = train_lib.CLASSIFICATION,
+              validation: tuple | None = None) -> dict:
   """Trains ``configs`` (one chunk) together; returns per-epoch metrics.
 
   With ``checkpoint_dir`` every epoch is checkpointed there (the last two
@@ -535,8 +604,8 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
   checkpoints = None
   if checkpoint_dir:
     checkpoints = ckpt_lib.RunCheckpoints(
-        checkpoint_dir, fingerprint(model, dataset, config, configs, strategy),
-        fresh=fresh)
+        checkpoint_dir, fingerprint(model, dataset, config, configs, strategy,
+                                    task, validation), fresh=fresh)
     ckpt_lib.check_epochs(checkpoint_dir, config.epochs)
   num_real = len(configs)
   sharding = _config_sharding(num_real)
@@ -553,11 +622,13 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
     x_train, y_train, x_test, y_test = _replicated(sharding, (
         dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y))
     sample_x = x_train[:config.batch_size]
+  if validation is not None:
+    x_val, y_val = _replicated(sharding, validation)
   if sharding is not None:
     keys, hps = jax.device_put((keys, hps), sharding)
 
-  programs = _programs(model, config, strategy)
-  states = programs.init(keys, sample_x, hps)
+  compiled = programs(model, config, strategy, task)
+  states = compiled.init(keys, sample_x, hps)
   history, start_epoch = [], 0
   if checkpoints is not None:
     restored = checkpoints.restore(states)
@@ -575,16 +646,20 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
     for epoch in bar:
       t0 = time.perf_counter()
       if streaming:
-        states, train_metrics = programs.run_stream_epoch(
+        states, train_metrics = compiled.run_stream_epoch(
             states, dataset.train_batches(epoch, config.batch_size), hps)
-        evals = programs.stream_eval(states, dataset.test_batches(1000), hps)
+        evals = compiled.stream_eval(states, dataset.test_batches(1000), hps)
       else:
         epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(
             states.key)
         idx = _shuffles(epoch_keys, x_train.shape[0], config.batch_size)
-        states, train_metrics = programs.run_epoch(states, x_train, y_train,
+        states, train_metrics = compiled.run_epoch(states, x_train, y_train,
                                                    idx, hps)
-        evals = programs.eval(states, x_test, y_test, hps)
+        evals = compiled.eval(states, x_test, y_test, hps)
+      if validation is not None:
+        val = compiled.eval(states, x_val, y_val, hps)
+        val.pop("sign_flips")
+        evals.update({"val_" + k[len("test_"):]: v for k, v in val.items()})
       # JAX dispatches asynchronously: time the epoch once its results exist.
       jax.block_until_ready((states, train_metrics, evals))
       record = _epoch_record(epoch, train_metrics, evals, states, num_real,
@@ -592,8 +667,11 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
       _check_finite(states, configs[:num_real], config, epoch)
       history.append(record)
       if hasattr(bar, "set_postfix"):
-        bar.set_postfix(loss=f"{np.nanmean(record['train_loss']):.3f}",
-                        test_err=f"{np.nanmean(record['test_error']):.4f}")
+        shown = {"loss": f"{np.nanmean(record['train_loss']):.3f}"}
+        for key in ("val_error", "test_error"):
+          if key in record:
+            shown[key] = f"{np.nanmean(record[key]):.4f}"
+        bar.set_postfix(**shown)
       if checkpoints is not None:
         checkpoints.save(states, history, epoch + 1)
       if on_epoch is not None:
@@ -626,17 +704,20 @@ def _check_finite(states, configs: list[dict], config, epoch: int) -> None:
 
 def _epoch_record(epoch, train_metrics, evals, states, num_real,
                   seconds) -> dict:
+  """One epoch: ``train_<metric>`` (means over the epoch's steps),
+  ``test_<metric>`` and ``val_<metric>`` per config, sign changes, skips."""
   as_list = lambda v: np.asarray(v, np.float64)[:num_real].tolist()
-  return {
-      "epoch": epoch + 1,
-      "train_loss": as_list(train_metrics["loss"]),
-      "train_error": as_list(train_metrics["error"]),
-      "test_loss": as_list(evals["test_loss"]),
-      "test_error": as_list(evals["test_error"]),
+  record = {"epoch": epoch + 1}
+  record.update({f"train_{k}": as_list(v) for k, v in train_metrics.items()
+                 if k != "skipped"})
+  record.update({k: as_list(v) for k, v in evals.items()
+                 if k != "sign_flips"})
+  record.update({
       "sign_flips": {k: as_list(v) for k, v in evals["sign_flips"].items()},
       "skipped_steps": np.asarray(states.skipped)[:num_real].tolist(),
       "seconds": seconds,
-  }
+  })
+  return record
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -654,9 +735,58 @@ def is_streaming(dataset) -> bool:
   return hasattr(dataset, "train_batches")
 
 
+def split_validation(dataset, validation):
+  """``(train dataset, (val_x, val_y))``: the last examples held out.
+
+  ``validation`` is a count (int) or a fraction of the training set in
+  (0, 1); ``None`` or 0 holds out nothing (``(dataset, None)``). The held-out
+  examples are the last ones of the training set, never seen in training;
+  the test set is not touched.
+  """
+  if validation is None or validation == 0:
+    return dataset, None
+  if is_streaming(dataset):
+    raise ValueError("validation= needs an in-memory dataset; hold out a "
+                     "split of a streamed dataset in its loader instead.")
+  n = dataset.train_x.shape[0]
+  if isinstance(validation, float) and 0 < validation < 1:
+    count = int(round(validation * n))
+  elif isinstance(validation, (int, np.integer)) and not isinstance(
+      validation, bool):
+    count = int(validation)
+  else:
+    raise ValueError("validation must be a count (int) or a fraction in "
+                     f"(0, 1); got {validation!r}.")
+  if not 0 < count < n:
+    raise ValueError(f"validation={validation!r} holds out {count} of the "
+                     f"{n} training examples; it must leave some for both.")
+  train = dataset._replace(train_x=dataset.train_x[:n - count],
+                           train_y=dataset.train_y[:n - count])
+  return train, (dataset.train_x[n - count:], dataset.train_y[n - count:])
+
+
+def _check_hparams(config: train_lib.TrainConfig, configs: list[dict]):
+  """Every swept name is one of the method's, every value builds it.
+
+  The method is built once per config with concrete values (no tracing), so
+  that a value the method refuses (a negative threshold) is an error here,
+  before any compilation.
+  """
+  names = [k for k in configs[0] if k != "seed"]
+  methods_lib.check_hparams(config.method, names)
+  for name in names:
+    if (name in methods_lib.get(config.method).hparams
+        and not methods_lib.sweepable(config.method, name)):
+      raise ValueError(f"hparam {name!r} of method {config.method!r} is a "
+                       "static option (a bool); it cannot be swept.")
+  for c in configs:
+    train_lib.build_method(config, {k: v for k, v in c.items()
+                                    if k != "seed"})
+
+
 def _plan(dataset, config: train_lib.TrainConfig, spec: SweepSpec,
           model_name: str, strategy: Strategy | None,
-          max_configs_per_chunk: int | None):
+          max_configs_per_chunk: int | None, model=None):
   """The completed config, strategy and config chunks of a sweep."""
   n = dataset.num_train if is_streaming(dataset) else dataset.train_x.shape[0]
   if config.batch_size > n:
@@ -668,11 +798,26 @@ def _plan(dataset, config: train_lib.TrainConfig, spec: SweepSpec,
     raise ValueError("max_configs_per_chunk must be an int >= 1 or None; got "
                      f"{max_configs_per_chunk!r}.")
   config = dataclasses.replace(config, steps_per_epoch=n // config.batch_size)
-  strategy = strategy or choose_strategy(model_name)
+  if strategy is None:
+    strategy = (choose_strategy(model_name) if model_name in CONV_MODELS
+                or model is None else choose_strategy(
+                    _abstract_params(model, dataset, config.batch_size)))
   configs = spec.configs()
+  _check_hparams(config, configs)
   size = max_configs_per_chunk or len(configs)
   chunks = [configs[i:i + size] for i in range(0, len(configs), size)]
   return config, strategy, configs, chunks
+
+
+def _abstract_params(model, dataset, batch_size: int):
+  """The model's parameter shapes (no computation), to choose a strategy."""
+  if is_streaming(dataset):
+    x = next(iter(dataset.train_batches(0, batch_size)))[0]
+  else:
+    x = dataset.train_x[:batch_size]
+  network = network_lib.as_network(model)
+  sample = jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+  return jax.eval_shape(network.init, jax.random.PRNGKey(0), sample)[0]
 
 
 def _chunk_dir(checkpoint_dir: str | None, i: int) -> str | None:
@@ -682,19 +827,23 @@ def _chunk_dir(checkpoint_dir: str | None, i: int) -> str | None:
 def check_resumable(model, dataset, config: train_lib.TrainConfig,
                     spec: SweepSpec, checkpoint_dir: str, *,
                     model_name: str = "", strategy: Strategy | None = None,
-                    max_configs_per_chunk: int | None = None) -> None:
+                    max_configs_per_chunk: int | None = None,
+                    task: train_lib.Task = train_lib.CLASSIFICATION,
+                    validation=None) -> None:
   """Raises before any training if ``checkpoint_dir`` holds another run's.
 
   The same checks :func:`sweep` makes chunk by chunk, done up front, so that
   a command training several methods refuses before its first step.
   """
   from qjax import checkpoint as ckpt_lib
+  dataset, held_out = split_validation(dataset, validation)
   config, strategy, _, chunks = _plan(dataset, config, spec, model_name,
-                                      strategy, max_configs_per_chunk)
+                                      strategy, max_configs_per_chunk, model)
   for i, chunk in enumerate(chunks):
     directory = _chunk_dir(checkpoint_dir, i)
     ckpt_lib.check_fingerprint(
-        directory, fingerprint(model, dataset, config, chunk, strategy))
+        directory, fingerprint(model, dataset, config, chunk, strategy, task,
+                               held_out))
     ckpt_lib.check_epochs(directory, config.epochs)
 
 
@@ -702,17 +851,22 @@ def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
           model_name: str = "", strategy: Strategy | None = None,
           max_configs_per_chunk: int | None = None,
           checkpoint_dir: str | None = None, fresh: bool = False,
-          progress: bool = True) -> dict:
-  """Trains every (seed, lr) of ``spec`` for one method in one program.
+          progress: bool = True, on_epoch: Callable | None = None,
+          task: train_lib.Task = train_lib.CLASSIFICATION,
+          validation=None) -> dict:
+  """Trains every config of ``spec`` for one method in one program.
 
   Args:
-    model: a Flax module.
+    model: a Flax Linen module (with or without a ``train`` argument, with
+      or without dropout and BatchNorm), an NNX model constructor
+      (:func:`qjax.network.from_nnx`), or a :class:`qjax.network.Network`.
     dataset: a :class:`qjax.data.Dataset` (on the device, one shuffle per
       seed) or a :class:`qjax.data.StreamingDataset` (streamed from the host,
       one shuffle per epoch shared by the configs; e.g. ImageNet).
     config: static settings; ``steps_per_epoch`` is filled in here.
-    spec: seeds x learning rates.
-    model_name: used by :func:`choose_strategy`.
+    spec: seeds x any named hyperparameters (:class:`SweepSpec`).
+    model_name: optional; the strategy is chosen from the parameter tree
+      (:func:`choose_strategy`).
     strategy: override the engine's choice.
     max_configs_per_chunk: split the product into chunks of this size (to
       fit memory); chunks reuse the same compiled program when equal-sized.
@@ -720,18 +874,33 @@ def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
       checkpoint of this very run: see :func:`fingerprint`).
     fresh: discard existing checkpoints in ``checkpoint_dir`` first.
     progress: show a progress bar per epoch.
+    on_epoch: called after every epoch with its record (a dict of
+      ``train_*``, ``val_*``, ``test_*`` lists over the chunk's configs,
+      ``sign_flips``, ``epoch``, ``seconds``) and the chunk's configs, e.g.
+      to log to TensorBoard (:func:`qjax.results.tensorboard_logger`).
+    task: the loss and metrics (:class:`qjax.train.Task`; default
+      classification with cross-entropy and error).
+    validation: hold out this many (int) or this fraction (float) of the
+      last training examples and evaluate on them every epoch
+      (``val_*``); choose hyperparameters on those, touch the test set once.
 
   Returns:
     ``{"configs": [...], "history": [epoch records with [config] lists],
     "strategy": {...}, "final_state": stacked TrainState}``.
   """
+  dataset, held_out = split_validation(dataset, validation)
   config, strategy, configs, chunks = _plan(
-      dataset, config, spec, model_name, strategy, max_configs_per_chunk)
+      dataset, config, spec, model_name, strategy, max_configs_per_chunk,
+      model)
   results = []
   for i, chunk in enumerate(chunks):
+    callback = None if on_epoch is None else functools.partial(
+        _call_on_epoch, on_epoch, chunk)
     results.append(run_chunk(model, dataset, config, chunk, strategy,
                              checkpoint_dir=_chunk_dir(checkpoint_dir, i),
-                             fresh=fresh, progress=progress))
+                             fresh=fresh, progress=progress,
+                             on_epoch=callback, task=task,
+                             validation=held_out))
   return {
       "configs": configs,
       "strategy": dataclasses.asdict(strategy),
@@ -743,14 +912,18 @@ def sweep(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
   }
 
 
+def _call_on_epoch(on_epoch, chunk, record):
+  on_epoch(record, chunk)
+
+
 def _merge_histories(histories: Sequence[list]) -> list:
   merged = []
   for records in zip(*histories):
     out = {"epoch": records[0]["epoch"],
            "seconds": sum(r["seconds"] for r in records)}
-    for key in ("train_loss", "train_error", "test_loss", "test_error",
-                "skipped_steps"):
-      out[key] = sum((r[key] for r in records), [])
+    for key, value in records[0].items():
+      if isinstance(value, list):
+        out[key] = sum((r[key] for r in records), [])
     out["sign_flips"] = {k: sum((r["sign_flips"][k] for r in records), [])
                          for k in records[0]["sign_flips"]}
     merged.append(out)

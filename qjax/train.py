@@ -1,10 +1,14 @@
 """Training: a pure step ``(state, batch) -> (state, metrics)`` for every method.
 
-The step knows nothing about which method it runs: it differentiates the loss
-at ``method.view(params)`` and applies ``method.tx``. Hyperparameters that a
-sweep varies (the learning rate) arrive as arrays in ``hparams``, and the
-method is rebuilt from them inside the traced step, so changing a value never
-recompiles and ``vmap`` over configs just works.
+The step knows nothing about which method it runs: it differentiates the
+task's loss at ``method.view(decode_tree(params), key)`` and applies
+``method.tx``. The method is any registered name (:mod:`qjax.methods`);
+hyperparameters that a sweep varies (``lr``, ``grid_scale``,
+``weight_decay``, a method's own such as Bop's ``threshold``) arrive as
+arrays in ``hparams``, so changing a value never recompiles and ``vmap``
+over configs just works. The model is any Flax Linen module or NNX model,
+through :func:`qjax.network.as_network`; the loss and metrics are a
+:class:`Task`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +25,10 @@ from flax import struct
 from qjax import codes as codes_lib
 from qjax import diagnostics
 from qjax import grid as grid_lib
+from qjax import grids as grids_lib
 from qjax import methods as methods_lib
 from qjax import models as models_lib
+from qjax import network as network_lib
 from qjax import quantizers
 from qjax.grid import Grid
 from qjax.data import batching
@@ -38,9 +43,14 @@ class TrainConfig:
   """Everything static about a run: it decides what is compiled.
 
   Attributes:
-    method: ``"fp"``, ``"bc"``, ``"sr"`` or ``"r"``.
+    method: any registered method (:func:`qjax.methods.names`): ``"fp"``,
+      ``"bc"``, ``"sbc"``, ``"sr"``, ``"r"``, ``"bop"``, or the user's own.
     optimizer: ``"adam"`` (the paper's -ADAM variants) or ``"sgd"``.
     mask: which kernels are quantized: ``"all"`` or ``"conv"`` (the paper).
+    grid: the quantized layers' grid as text (:func:`qjax.grids.parse`):
+      ``"glorot"`` (BinaryConnect's ±H per layer, the default), ``"binary"``
+      (±1, the paper's weights), ``"ternary"``, ``"kbit:4"``,
+      ``"uniform:0.05:-1:1"``, with an optional ``@glorot`` per-layer scale.
     batch_size: minibatch size (the paper: 128; "Big" SR: 1024).
     epochs: number of epochs.
     lr_decay_epochs: epochs at which the learning rate is divided by 10.
@@ -54,6 +64,7 @@ class TrainConfig:
   method: str = "bc"
   optimizer: str = "adam"
   mask: str = "all"
+  grid: str = "glorot"
   batch_size: int = 128
   epochs: int = 1
   lr_decay_epochs: tuple[int, ...] = ()
@@ -62,12 +73,16 @@ class TrainConfig:
   max_nonfinite_streak: int = 20
 
   def __post_init__(self):
-    if self.method not in methods_lib.METHODS:
-      raise ValueError(f"method must be one of {methods_lib.METHODS}; got "
-                       f"{self.method!r}.")
+    methods_lib.get(self.method)  # raises for an unregistered name
+    if self.optimizer not in methods_lib.OPTIMIZERS:
+      raise ValueError(f"optimizer must be one of {methods_lib.OPTIMIZERS}; "
+                       f"got {self.optimizer!r}.")
     if self.mask not in MASKS:
       raise ValueError(f"mask must be one of {tuple(MASKS)}; got "
                        f"{self.mask!r}.")
+    # Canonical text, so that equal grids give equal configs and
+    # fingerprints ("kbit:4" and "kbit:4:1" are one grid).
+    object.__setattr__(self, "grid", str(grids_lib.parse(self.grid)))
     for name in ("batch_size", "epochs", "steps_per_epoch",
                  "max_nonfinite_streak"):
       value = getattr(self, name)
@@ -80,6 +95,11 @@ class TrainConfig:
           f"lr_decay_epochs must be epochs between 1 and epochs - 1 = "
           f"{self.epochs - 1} (a decay at or after the last epoch changes "
           f"nothing); got {bad} in lr_decay_epochs={self.lr_decay_epochs}.")
+
+  @property
+  def label(self) -> str:
+    """``"SR-ADAM"``: the method's display label."""
+    return methods_lib.label(self.method, self.optimizer)
 
 
 class NonFiniteError(RuntimeError):
@@ -103,31 +123,40 @@ def scaled_glorot_grid(scale) -> Callable:
   The grid is the static ``Grid.binary(H)`` times the (possibly traced)
   scale ``s`` (:meth:`qjax.Grid.scaled`): stored points ``±fl32(fl32(H) s)``.
   """
-  def grid(path, leaf):
-    del path
-    return Grid.binary(quantizers.glorot_scale(
-        quantizers.leaf_shape(leaf))).scaled(scale)
-  return grid
+  return grids_lib.parse("glorot").factory(scale)
+
+
+def config_grid(config: TrainConfig, hparams: dict) -> Callable:
+  """The per-layer grid ``(path, leaf) -> Grid`` of ``config`` and hparams.
+
+  ``config.grid`` with each layer's grid multiplied by the (possibly traced)
+  ``hparams["grid_scale"]`` when it is given.
+  """
+  return grids_lib.parse(config.grid).factory(hparams.get("grid_scale"))
 
 
 def build_method(config: TrainConfig, hparams: dict,
                  key=None) -> methods_lib.Method:
   """The method for ``config`` with the (possibly traced) ``hparams``.
 
-  ``hparams["lr"]`` is the base learning rate; the optional
-  ``hparams["grid_scale"]`` multiplies every layer's binary scale H (so the
-  grid spacing Δ = 2 s H), which lets a sweep vary Δ without recompiling.
+  ``hparams["lr"]`` is the base learning rate; ``"grid_scale"`` multiplies
+  every quantized layer's grid (so a sweep varies Δ without recompiling);
+  ``"weight_decay"`` adds decoupled weight decay; any other name must be one
+  of the method's own hyperparameters (an unknown name is an error).
+  ``key`` is the method's own randomness, needed only to initialise its
+  state (:func:`init_state` passes it; a step builds the method without one,
+  the key then lives in the optimizer state).
   """
-  schedule = learning_rate_schedule(config, hparams["lr"])
-  key = jax.random.PRNGKey(0) if key is None else key
-  return methods_lib.make(config.method, schedule,
-                          optimizer=config.optimizer, mask=MASKS[config.mask],
-                          key=key, grid=_grid(hparams))
-
-
-def _grid(hparams: dict) -> Callable:
-  return (quantizers.glorot_binary_grid if "grid_scale" not in hparams
-          else scaled_glorot_grid(hparams["grid_scale"]))
+  methods_lib.check_hparams(config.method, hparams)
+  own = {k: v for k, v in hparams.items()
+         if k not in methods_lib.COMMON_HPARAMS}
+  if "lr" not in hparams:
+    raise ValueError(f"hparams must give 'lr'; got {sorted(hparams)}.")
+  return methods_lib.make(
+      config.method, learning_rate_schedule(config, hparams["lr"]),
+      optimizer=config.optimizer, mask=MASKS[config.mask],
+      grid=config_grid(config, hparams), key=key,
+      weight_decay=hparams.get("weight_decay"), **own)
 
 
 def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:
@@ -135,39 +164,95 @@ def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:
 
   For results: the stored float32 end points, the spacing and the number of
   levels of the grid every quantized layer was trained on, with the concrete
-  (one config's) ``hparams``. Empty for the float method.
+  (one config's) ``hparams``. Empty for a method that quantizes nothing.
+  Unbounded grids report ``levels`` None and the points around zero.
   """
-  if config.method == "fp":
+  if not methods_lib.get(config.method).quantized:
     return {}
   mask = quantizers.resolve_mask(MASKS[config.mask], params)
-  grids = quantizers.resolve_grids(_grid(hparams), params, mask)
+  grids = quantizers.resolve_grids(config_grid(config, hparams), params, mask)
   flat = jax.tree_util.tree_flatten_with_path(
       grids, is_leaf=lambda g: g is None or isinstance(g, Grid))[0]
   out = {}
   for path, g in flat:
     if g is None:
       continue
-    v = np.asarray(grid_lib.Points(g, np.float32).v)
-    out[diagnostics.layer_name(quantizers.path_names(path))] = {
-        "lo": float(v[0]), "hi": float(v[-1]),
-        "step": float(v[1] - v[0]), "levels": int(g.levels)}
+    name = diagnostics.layer_name(quantizers.path_names(path))
+    if g.bounded:
+      v = np.asarray(grid_lib.Points(g, np.float32).v)
+      out[name] = {"lo": float(v[0]), "hi": float(v[-1]),
+                   "step": float(v[1] - v[0]), "levels": int(g.levels)}
+    else:
+      points = grid_lib.Points(g, np.float32)
+      v0, v1 = (float(points.value(jnp.asarray(k))) for k in (0, 1))
+      out[name] = {"lo": None, "hi": None, "step": v1 - v0, "levels": None}
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """The loss and the metrics a run trains and reports.
+
+  Attributes:
+    loss: ``(outputs, labels) -> scalar`` mean loss over the batch.
+    metrics: ``(outputs, labels) -> {name: scalar}`` batch means (results
+      record ``train_<name>``, ``test_<name>`` and ``val_<name>``).
+    name: recorded in results and fingerprints.
+  """
+  loss: Callable[[jax.Array, jax.Array], jax.Array]
+  metrics: Callable[[jax.Array, jax.Array], dict]
+  name: str
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def classification_error(logits: jax.Array, labels: jax.Array) -> dict:
+  return {"error": jnp.mean(jnp.argmax(logits, -1) != labels)}
+
+
+CLASSIFICATION = Task(cross_entropy, classification_error, "classification")
+
+
+def label_smoothing(smoothing: float) -> Task:
+  """Classification with labels smoothed by ``smoothing`` (in [0, 1))."""
+  if not 0 <= smoothing < 1:
+    raise ValueError(f"smoothing must be in [0, 1); got {smoothing!r}.")
+
+  def loss(logits, labels):
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+  return Task(loss, classification_error,
+              f"classification, label smoothing {smoothing:g}")
+
+
+def _squared_error(outputs, targets):
+  return jnp.mean(jnp.square(outputs.reshape(targets.shape) - targets))
+
+
+REGRESSION = Task(_squared_error, lambda o, t: {"mse": _squared_error(o, t)},
+                  "regression (mean squared error)")
 
 
 class TrainState(struct.PyTreeNode):
   """Everything that changes during training; a pytree, so it vmaps.
 
   ``params`` are the method's *stored* parameters (grid codes,
-  :class:`qjax.codes.Codes`, for SR and R). ``init_signs`` holds, for the
-  sign-change diagnostic, each quantized leaf's initial signs as packed
-  bits (1 bit per weight, :func:`qjax.diagnostics.sign_bits`), not a float
-  copy. ``skipped`` counts the steps skipped for non-finite values,
-  ``streak`` the consecutive ones up to now, ``first_skipped`` the first
-  such step (-1: none); see :func:`train_step`.
+  :class:`qjax.codes.Codes`, for SR, R and Bop). ``model_state`` holds the
+  model's other variables (BatchNorm statistics, an NNX model's RNG state).
+  ``init_signs`` holds, for the sign-change diagnostic, each quantized
+  leaf's initial signs as packed bits (1 bit per weight,
+  :func:`qjax.diagnostics.sign_bits`), not a float copy. ``skipped`` counts
+  the steps skipped for non-finite values, ``streak`` the consecutive ones
+  up to now, ``first_skipped`` the first such step (-1: none); see
+  :func:`step`.
   """
   step: jax.Array
   params: PyTree
-  batch_stats: PyTree
+  model_state: PyTree
   opt_state: PyTree
   init_signs: tuple    # packed initial signs of the quantized leaves
   key: jax.Array       # raw uint32 key, checkpoint friendly
@@ -175,88 +260,87 @@ class TrainState(struct.PyTreeNode):
   streak: jax.Array
   first_skipped: jax.Array
 
+  @property
+  def batch_stats(self) -> PyTree:
+    """The BatchNorm running statistics (``model_state["batch_stats"]``)."""
+    return self.model_state.get("batch_stats", {})
 
-def init_state(model: nn.Module, config: TrainConfig, key: jax.Array,
+
+def init_state(model, config: TrainConfig, key: jax.Array,
                sample_x: jax.Array, hparams: dict) -> TrainState:
-  """Initialises parameters, projects them for the method, builds the state.
+  """:func:`init` for ``config`` and one config's ``hparams``.
 
-  Args:
-    model: a Flax module called as ``model.apply(v, x, train=...)``.
-    config: the static training config.
-    key: a raw ``jax.random.PRNGKey`` for this config (init, SR, shuffles).
-    sample_x: one batch of inputs (only its shape is used).
-    hparams: ``{"lr": array}``.
+  ``key`` (a raw ``jax.random.PRNGKey``) is split into the model's
+  initialisation key, the method's own key (SR's rounding) and the run key
+  (shuffles, augmentation, dropout, stochastic views).
   """
-  init_key, sr_key, run_key = jax.random.split(key, 3)
-  variables = model.init(init_key, sample_x, train=False)
-  method = build_method(config, hparams, sr_key)
-  params = method.project(variables["params"])
-  decoded = codes_lib.decode_tree(params)
+  network = network_lib.as_network(model)
+  init_key, method_key, run_key = jax.random.split(key, 3)
+  method = build_method(config, hparams, method_key)
+  params, model_state = network.init(init_key, sample_x)
+  stored = method.project(params)
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=method.tx.init(decoded),
-      init_signs=diagnostics.sign_bits(params, MASKS[config.mask]),
+      step=jnp.zeros((), jnp.int32), params=stored, model_state=model_state,
+      opt_state=method.tx.init(codes_lib.decode_tree(stored)),
+      init_signs=diagnostics.sign_bits(stored, MASKS[config.mask]),
       key=run_key,
       skipped=jnp.zeros((), jnp.int32), streak=jnp.zeros((), jnp.int32),
       first_skipped=jnp.full((), -1, jnp.int32))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def step_keys(state: TrainState) -> dict:
+  """This step's keys, all derived from ``(state.key, state.step)``.
+
+  ``augment`` is ``fold_in(key, step)`` itself (as before dropout and
+  stochastic views existed, so augmented runs reproduce); ``dropout`` and
+  ``view`` are folded from it.
+  """
+  base = jax.random.fold_in(state.key, state.step)
+  return {"augment": base, "dropout": jax.random.fold_in(base, 1),
+          "view": jax.random.fold_in(base, 2)}
 
 
-def _forward(model, params, batch_stats, x, train: bool):
-  variables = {"params": params}
-  if batch_stats:
-    variables["batch_stats"] = batch_stats
-  if train and batch_stats:
-    logits, updates = model.apply(variables, x, train=True,
-                                  mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
-  return model.apply(variables, x, train=train), batch_stats
-
-
-def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
-               batch: tuple[jax.Array, jax.Array], hparams: dict
-               ) -> tuple[TrainState, dict]:
+def step(network, method: methods_lib.Method, state: TrainState,
+         batch: tuple[jax.Array, jax.Array], *, augment: bool = False,
+         task: Task = CLASSIFICATION) -> tuple[TrainState, dict]:
   """One pure training step, the same for every method.
 
-  Computes the loss at ``method.view(decode_tree(params))`` (the STE view
-  for BC; the decoded codes for SR and R), then ``updates =
-  method.tx.update(grads, opt_state, params)`` and ``optax.apply_updates``
-  (exact for codes).
+  Computes the task's loss at ``method.view(decode_tree(params), key)``
+  (the STE view for BC; the decoded codes for SR, R and Bop), then
+  ``updates = method.tx.update(grads, opt_state, params)`` and
+  ``optax.apply_updates`` (exact for codes).
 
   Non-finite values: a step whose loss, gradients, new parameters or new
-  BatchNorm statistics are not all finite is skipped: parameters, optimizer
-  state and statistics stay as they were (so stored grid weights are never
-  NaN and never off the grid, and Adam's moments never absorb a NaN), the
-  step counter advances, and ``skipped``/``streak`` count it. The engine
-  stops a run whose streak reaches ``config.max_nonfinite_streak``.
+  model state are not all finite is skipped: parameters, optimizer state
+  and model state stay as they were (so stored grid weights are never NaN
+  and never off the grid, and Adam's moments never absorb a NaN), the step
+  counter advances, and ``skipped``/``streak`` count it. The engine stops a
+  run whose streak reaches ``config.max_nonfinite_streak``.
 
   Returns:
-    The new state and ``{"loss", "error", "skipped"}`` on the batch
-    (``skipped`` is 1.0 for a skipped step; loss and error are reported as
+    The new state and ``{"loss", <task metrics>, "skipped"}`` on the batch
+    (``skipped`` is 1.0 for a skipped step; loss and metrics are reported as
     computed, NaN included).
   """
+  network = network_lib.as_network(network)
   x, y = batch
-  if config.augment:
-    x = batching.augment_cifar(jax.random.fold_in(state.key, state.step), x)
-  method = build_method(config, hparams)
+  keys = step_keys(state)
+  if augment:
+    x = batching.augment_cifar(keys["augment"], x)
 
   def loss_fn(weights):
-    logits, new_stats = _forward(model, method.view(weights),
-                                 state.batch_stats, x, train=True)
-    loss = cross_entropy(logits, y)
-    return loss, (new_stats, jnp.mean(jnp.argmax(logits, -1) != y))
+    outputs, new_model_state = network.apply(
+        method.view(weights, keys["view"]), state.model_state, x,
+        train=True, rng=keys["dropout"])
+    return task.loss(outputs, y), (new_model_state, task.metrics(outputs, y))
 
   # Gradients at the decoded weights; codes are decoded inside the step
   # (fused by XLA), never kept as floats.
-  (loss, (new_stats, error)), grads = jax.value_and_grad(
+  (loss, (new_model_state, metrics)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(codes_lib.decode_tree(state.params))
   updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = _all_finite((loss, grads, params, new_stats))
+  finite = _all_finite((loss, grads, params, new_model_state))
   keep = lambda new, old: jax.tree.map(
       lambda n, o: _select(finite, n, o), new, old)
   streak = jnp.where(finite, 0, state.streak + 1)
@@ -264,12 +348,24 @@ def train_step(model: nn.Module, config: TrainConfig, state: TrainState,
                     state.first_skipped)
   new_state = state.replace(
       step=state.step + 1, params=keep(params, state.params),
-      batch_stats=keep(new_stats, state.batch_stats),
+      model_state=keep(new_model_state, state.model_state),
       opt_state=keep(opt_state, state.opt_state),
       skipped=state.skipped + (~finite).astype(jnp.int32), streak=streak,
       first_skipped=first)
-  return new_state, {"loss": loss, "error": error,
-                     "skipped": (~finite).astype(jnp.float32)}
+  return new_state, dict(metrics, loss=loss,
+                         skipped=(~finite).astype(jnp.float32))
+
+
+def train_step(model, config: TrainConfig, state: TrainState,
+               batch: tuple[jax.Array, jax.Array], hparams: dict, *,
+               task: Task = CLASSIFICATION) -> tuple[TrainState, dict]:
+  """:func:`step` with the method of ``config`` and ``hparams``.
+
+  The method is built for the step without a key: its randomness (SR's)
+  lives in the optimizer state.
+  """
+  return step(model, build_method(config, hparams), state, batch,
+              augment=config.augment, task=task)
 
 
 def _select(pred, new, old):
@@ -286,41 +382,70 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
-def evaluate(model: nn.Module, config: TrainConfig, state: TrainState,
-             x: jax.Array, y: jax.Array, batch_size: int = 1000,
-             hparams: dict | None = None) -> dict:
-  """Test loss and error of the method's evaluation view, in batches.
+def evaluation_model_state(network, state: TrainState) -> PyTree:
+  """The model state evaluation uses: BatchNorm statistics debiased.
 
-  BC is evaluated on its deterministically quantized latent weights; SR and R
-  on their decoded grid codes; FP on its float weights (``Method.eval_mode``).
-  A model that declares ``bn_momentum`` (all of :mod:`qjax.models`) is
-  evaluated with its BatchNorm running statistics debiased for the
-  ``state.step`` steps taken (:func:`qjax.models.debiased_batch_stats`);
-  after about 250 steps that changes nothing.
+  A model that declares ``bn_momentum`` (all of :mod:`qjax.models`) has its
+  running statistics debiased for the ``state.step`` steps taken
+  (:func:`qjax.models.debiased_batch_stats`); after about 250 steps that
+  changes nothing.
   """
-  method = build_method(config, dict(hparams or {}, lr=jnp.zeros(())))
+  momentum = network_lib.as_network(network).bn_momentum
+  if momentum is None or "batch_stats" not in state.model_state:
+    return state.model_state
+  return dict(state.model_state, batch_stats=models_lib.debiased_batch_stats(
+      state.model_state["batch_stats"], state.step, momentum))
+
+
+def evaluate_method(network, method: methods_lib.Method, state: TrainState,
+                    x: jax.Array, y: jax.Array, batch_size: int = 1000, *,
+                    task: Task = CLASSIFICATION) -> dict:
+  """Loss and metrics of the method's evaluation view on ``(x, y)``.
+
+  The view is ``method.view(decode_tree(params))`` with no key: BC and SBC
+  see their deterministically quantized latent weights, SR, R and Bop their
+  decoded codes, FP its floats (``Method.eval_mode``). Returns
+  ``{"test_loss", "test_<metric>"...}``, every example weighted equally.
+  """
+  network = network_lib.as_network(network)
   params = method.view(codes_lib.decode_tree(state.params))
-  momentum = getattr(model, "bn_momentum", None)
-  batch_stats = (state.batch_stats if momentum is None else
-                 models_lib.debiased_batch_stats(state.batch_stats,
-                                                 state.step, momentum))
+  model_state = evaluation_model_state(network, state)
   n = (x.shape[0] // batch_size) * batch_size
   xs = x[:n].reshape(-1, batch_size, *x.shape[1:])
-  ys = y[:n].reshape(-1, batch_size)
+  ys = y[:n].reshape(-1, batch_size, *y.shape[1:])
+
+  def sums(xb, yb):
+    outputs, _ = network.apply(params, model_state, xb, train=False,
+                               rng=None)
+    count = yb.shape[0]
+    out = {"loss": task.loss(outputs, yb) * count}
+    out.update({k: v * count for k, v in task.metrics(outputs, yb).items()})
+    return out
 
   def body(carry, xy):
-    logits, _ = _forward(model, params, batch_stats, xy[0], train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, xy[1]).sum()
-    wrong = jnp.sum(jnp.argmax(logits, -1) != xy[1])
-    return (carry[0] + loss, carry[1] + wrong), None
+    return jax.tree.map(jnp.add, carry, sums(*xy)), None
 
-  (loss, wrong), _ = jax.lax.scan(body, (0.0, 0), (xs, ys))
+  zero = jax.tree.map(lambda v: jnp.zeros((), jnp.float32),
+                      jax.eval_shape(sums, x[:1], y[:1]))
+  total, _ = jax.lax.scan(body, zero, (xs, ys)) if n else (zero, None)
   if n < x.shape[0]:  # the remainder, so every example counts
-    logits, _ = _forward(model, params, batch_stats, x[n:], train=False)
-    loss += optax.softmax_cross_entropy_with_integer_labels(
-        logits, y[n:]).sum()
-    wrong += jnp.sum(jnp.argmax(logits, -1) != y[n:])
-  return {"test_loss": loss / x.shape[0], "test_error": wrong / x.shape[0]}
+    total = jax.tree.map(jnp.add, total, sums(x[n:], y[n:]))
+  return {f"test_{k}": v / x.shape[0] for k, v in total.items()}
+
+
+def evaluate(model, config: TrainConfig, state: TrainState, x: jax.Array,
+             y: jax.Array, batch_size: int = 1000, hparams: dict | None = None,
+             *, task: Task = CLASSIFICATION) -> dict:
+  """:func:`evaluate_method` with the method of ``config`` and ``hparams``.
+
+  ``hparams`` are the run's (the same the steps used): the evaluation view
+  of a method may depend on them (e.g. the grid's scale).
+  """
+  if hparams is None:
+    raise ValueError("evaluate needs the run's hparams (at least 'lr'), the "
+                     "same that trained the state.")
+  return evaluate_method(model, build_method(config, hparams), state, x, y,
+                         batch_size, task=task)
 
 
 def sign_flips(config: TrainConfig, state: TrainState) -> dict:

@@ -127,16 +127,10 @@ def _rounding_update(updates, params, mask, grid, key, rule: str):
   mask = quantizers.resolve_mask(mask, params, allow_empty=has_codes)
   grids = (jax.tree.map(lambda _: None, params, is_leaf=is_codes)
            if grid is None else quantizers.resolve_grids(grid, params, mask))
-  leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_codes)
-  u_leaves = treedef.flatten_up_to(updates)
-  keys = (None,) * len(leaves) if key is None else jax.random.split(
-      key, len(leaves))
-  out = []
-  for k, p, u, m, g in zip(keys, leaves, u_leaves, treedef.flatten_up_to(mask),
-                           treedef.flatten_up_to(grids)):
-    if not (m or is_codes(p)):
-      out.append(u)
-      continue
+  selected = jax.tree.map(lambda m, p: bool(m) or is_codes(p), mask, params,
+                          is_leaf=is_codes)
+
+  def round_leaf(k, p, g, u):
     shape = (tuple(p.batch_shape) + p.shape) if is_codes(p) else p.shape
     if is_codes(u) or jnp.shape(u) != shape:
       got = ("a Codes" if is_codes(u) else
@@ -149,15 +143,16 @@ def _rounding_update(updates, params, mask, grid, key, rule: str):
           "decoded view, qjax.codes.decode_tree(params).")
     bits = None if k is None else quantizers.random_bits(k, shape)
     if is_codes(p):
-      out.append(_round_codes(p, u, bits, rule))
-    elif g is None:
+      return _round_codes(p, u, bits, rule)
+    if g is None:
       raise ValueError(
           "the mask selects a float leaf but no grid was given; pass grid= "
           "(a qjax.Grid or (path, leaf) -> Grid), or store the leaf as codes "
           "(qjax.codes.encode_tree).")
-    else:
-      out.append(_round_float(p, u, g, bits, rule))
-  return jax.tree_util.tree_unflatten(treedef, out)
+    return _round_float(p, u, g, bits, rule)
+
+  return quantizers.map_masked(round_leaf, params, selected, grids, key,
+                               updates=updates)
 
 
 def decoded(inner: optax.GradientTransformation
@@ -218,7 +213,9 @@ def stochastic_rounding(grid, key, mask=None
     key: int seed (Python or numpy) or one ``jax.random`` key (typed, or raw
       ``uint32[2]``); kept in the state and split on every update, so two
       runs from the same key are bit-identical. A batch of keys is an error
-      here: vmap over the keys instead.
+      here: vmap over the keys instead. ``None`` builds a transformation
+      that can update an existing state (the key lives there) but whose
+      ``init`` raises.
     mask: which leaves to round (see :func:`qjax.resolve_mask`; default: the
       kernels); others get the incoming update unchanged. A mask that
       selects nothing is an error.
@@ -232,10 +229,15 @@ def stochastic_rounding(grid, key, mask=None
     ...                  qjax.stochastic_rounding(qjax.Grid.binary(), key=0))
   """
   _check_grid(grid, "stochastic_rounding")
-  key = quantizers.as_key(key, "stochastic_rounding", _VMAP_TRANSFORM)
+  if key is not None:
+    key = quantizers.as_key(key, "stochastic_rounding", _VMAP_TRANSFORM)
 
   def init_fn(params):
     del params
+    if key is None:
+      raise ValueError(
+          "stochastic_rounding(key=None) can update a state but not create "
+          "one: pass key= (an int seed or a jax.random key) to initialise.")
     return StochasticRoundingState(key=key)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -328,11 +330,9 @@ def latent_clipping(grid, mask=None, scale_by_grid: bool = False
     _require_params(params, "latent_clipping")
     mask_tree = quantizers.resolve_mask(mask, params)
     grids = quantizers.resolve_grids(grid, params, mask_tree)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    out = [clip_leaf(p, u, g) if m else u for p, u, m, g in zip(
-        leaves, treedef.flatten_up_to(updates),
-        treedef.flatten_up_to(mask_tree), treedef.flatten_up_to(grids))]
-    return jax.tree_util.tree_unflatten(treedef, out), state
+    return quantizers.map_masked(lambda _, p, g, u: clip_leaf(p, u, g),
+                                 params, mask_tree, grids, None,
+                                 updates=updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

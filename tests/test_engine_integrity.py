@@ -120,7 +120,7 @@ def test_epoch_seconds_cover_the_compute(small_digits):
               progress=False)
   recorded = out["history"][1]["seconds"]
   from qjax import sweep as sweep_lib
-  programs = sweep_lib._programs(  # pylint: disable=protected-access
+  programs = sweep_lib.programs(
       model, sweep_lib.dataclasses.replace(
           config, steps_per_epoch=big.train_x.shape[0] // 64),
       sweep_lib.choose_strategy("mlp"))
@@ -151,7 +151,7 @@ def test_epoch_program_compiles_once_on_two_devices(tmp_path):
                     model_name="mlp", progress=False)
       assert out["devices"] == 2, out["devices"]
       full = s.dataclasses.replace(config, steps_per_epoch=8)
-      programs = s._programs(model, full, s.choose_strategy("mlp"))
+      programs = s.programs(model, full, s.choose_strategy("mlp"))
       print("compiled", programs.epoch._cache_size())
   """)
   env = {k: v for k, v in os.environ.items()

@@ -673,8 +673,8 @@ def test_changing_learning_rate_by_inject_hyperparams_does_not_recompile():
 
 def test_errors_are_clear():
   grid = Grid.binary()
-  with pytest.raises(ValueError, match="needs a key; got key=None"):
-    qjax.stochastic_rounding(grid, None)
+  with pytest.raises(ValueError, match="can update a state but not create"):
+    qjax.stochastic_rounding(grid, None).init({"w": jnp.zeros(3)})
   with pytest.raises(TypeError, match="key must be"):
     qjax.stochastic_rounding(grid, jnp.ones(3))
   with pytest.raises(TypeError, match="grid must be"):

@@ -431,7 +431,7 @@ def test_adding_the_zero_update_keeps_every_float_bit_for_bit():
 
 
 def test_every_method_is_wrapped():
-  for name in qjax.methods.METHODS:
+  for name in qjax.methods.names():
     method = qjax.methods.make(name, key=0)
     params = method.project(_linen())
     assert isinstance(_init(method, params), qjax.SkipNonFiniteState)

@@ -1,0 +1,76 @@
+"""The paper's methods: FP, BC, SR and R (Li et al. 2017, Sec. 3).
+
+Each is a factory ``Setup -> Method`` registered under its name; see
+:mod:`qjax.methods` for the table of views, rules and stored weights.
+"""
+
+from __future__ import annotations
+
+from qjax import quantizers
+from qjax import transforms
+from qjax.methods import Method
+from qjax.methods import guarded
+from qjax.methods import identity
+from qjax.methods import identity_view
+from qjax.methods import register
+
+EVAL_STORED = "stored grid weights"
+
+
+@register("fp", label="", eval_mode="float", stores="float", quantized=False,
+          doc="full-precision baseline (the optimizer alone)")
+def fp(setup) -> Method:
+  """Full-precision baseline: the base optimizer, nothing quantized."""
+  return Method(setup.label, identity_view,
+                transforms.skip_nonfinite(setup.base()), identity, "float")
+
+
+def bc_view(setup, quantizer=quantizers.round_nearest):
+  """BinaryConnect's forward view ``Q(w_r)`` with the (clipped) STE."""
+  clip = setup.hparams.get("ste_clip")
+
+  def view(params, key=None):
+    del key
+    return quantizers.quantize(params, quantizer, setup.mask,
+                               grid=setup.grid, clip=clip)
+  return view
+
+
+def bc_tx(setup):
+  """BC's chain: the base step, then the latent weights clipped."""
+  rule = transforms.latent_clipping(
+      setup.grid, setup.mask, bool(setup.hparams.get("scale_by_grid")))
+  return guarded(setup.base(), rule)
+
+
+@register("bc", label="BC", eval_mode="deterministic-quantized latent",
+          stores="float latent",
+          hparams={"ste_clip": None, "scale_by_grid": False},
+          doc="BinaryConnect: Q_d in the forward pass, float latent weights")
+def bc(setup) -> Method:
+  """BinaryConnect (Li et al. 2017, Eq. 5): ``w_r <- clip(w_r - a g(Q_d))``.
+
+  Own hyperparameters (static): ``ste_clip`` zeroes the STE gradient where
+  ``|w_r| > ste_clip``; ``scale_by_grid`` scales each layer's step by
+  ``1/H``.
+  """
+  return Method(setup.label, bc_view(setup), bc_tx(setup), setup.clip_latent,
+                "deterministic-quantized latent")
+
+
+@register("sr", label="SR", eval_mode=EVAL_STORED, stores="grid codes",
+          doc="stochastic rounding of every update onto the grid")
+def sr(setup) -> Method:
+  """Stochastic rounding (Li et al. 2017, Eq. 3): ``w <- Q_s(w - a g)``."""
+  rule = transforms.stochastic_rounding(setup.grid, setup.key, setup.mask)
+  return Method(setup.label, identity_view, guarded(setup.base(), rule),
+                setup.encode, EVAL_STORED)
+
+
+@register("r", label="R", eval_mode=EVAL_STORED, stores="grid codes",
+          doc="deterministic rounding of every update onto the grid")
+def r(setup) -> Method:
+  """Deterministic rounding (Li et al. 2017, Eq. 2): ``w <- Q_d(w - a g)``."""
+  rule = transforms.nearest_rounding(setup.grid, setup.mask)
+  return Method(setup.label, identity_view, guarded(setup.base(), rule),
+                setup.encode, EVAL_STORED)
