@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m benchmarks.<name>``; results go to results/benchmarks."""
+"""Benchmarks: ``python -m benchmarks.<name>`` (output: results/benchmarks)."""

@@ -43,6 +43,7 @@ Command: ``python -m benchmarks.codes_step [--steps 50] [--repeats 5]
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -50,7 +51,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments import common
 from qjax import codes as codes_lib
@@ -73,7 +73,7 @@ def float_storage(method: methods_lib.Method, mask, grid
   def project(params):
     masked = quantizers.resolve_mask(mask, params)
     grids = quantizers.resolve_grids(grid, params, masked)
-    return quantizers._map_masked(  # pylint: disable=protected-access
+    return quantizers.map_masked(
         lambda _, w, g: quantizers.round_nearest(w, g), params, masked, grids,
         None)
 
@@ -82,39 +82,8 @@ def float_storage(method: methods_lib.Method, mask, grid
 
 
 def make_step(model, method: methods_lib.Method):
-  """:func:`qjax.train.train_step`'s body with ``method`` given."""
-  forward = train_lib._forward  # pylint: disable=protected-access
-  all_finite = train_lib._all_finite  # pylint: disable=protected-access
-  select = train_lib._select  # pylint: disable=protected-access
-
-  def step(state, batch):
-    x, y = batch
-
-    def loss_fn(weights):
-      logits, new_stats = forward(model, method.view(weights),
-                                  state.batch_stats, x, train=True)
-      loss = train_lib.cross_entropy(logits, y)
-      return loss, (new_stats, jnp.mean(jnp.argmax(logits, -1) != y))
-
-    (loss, (new_stats, error)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(codes_lib.decode_tree(state.params))
-    updates, opt_state = method.tx.update(grads, state.opt_state,
-                                          state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = all_finite((loss, grads, params, new_stats))
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: select(finite, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        batch_stats=keep(new_stats, state.batch_stats),
-        opt_state=keep(opt_state, state.opt_state),
-        skipped=state.skipped + (~finite).astype(jnp.int32),
-        streak=jnp.where(finite, 0, state.streak + 1),
-        first_skipped=jnp.where((state.first_skipped < 0) & ~finite,
-                                state.step, state.first_skipped))
-    return new_state, {"loss": loss, "error": error}
-
-  return step
+  """:func:`qjax.train.step` with ``method`` given (the public seam)."""
+  return functools.partial(train_lib.step, model, method)
 
 
 def _scan(step):

@@ -143,7 +143,7 @@ class _Runner:
     sharded over up to ``len(seeds)`` devices, data on each of them)."""
     keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     hps = {"lr": jnp.full((len(seeds),), LR, jnp.float32)}
-    sharding = sweep_lib._config_sharding(len(seeds))  # pylint: disable=protected-access
+    sharding = sweep_lib.config_sharding(len(seeds))
     if sharding is not None:
       if len(seeds) % len(sharding.device_set):
         raise ValueError(f"--configs {len(seeds)} must be a multiple of the "
@@ -151,10 +151,10 @@ class _Runner:
       keys, hps = jax.device_put((keys, hps), sharding)
     count = 1 if sharding is None else len(sharding.device_set)
     if count not in self.placed:
-      self.placed[count] = sweep_lib._replicated(sharding, self.data)  # pylint: disable=protected-access
+      self.placed[count] = sweep_lib.replicated(sharding, self.data)
     x, y = self.placed[count]
     states = self.programs.init(keys, x[:self.config.batch_size], hps)
-    idx = sweep_lib._shuffles(  # pylint: disable=protected-access
+    idx = sweep_lib.shuffles(
         states.key, x.shape[0], self.config.batch_size)
     return jax.block_until_ready((states, hps, x, y, idx))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import json
 import os
 import sys
 import time
@@ -167,7 +168,8 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
   ds = dataset_for(exp)
   model = build_model(exp, ds.num_classes)
   config = TrainConfig(method=method, optimizer=exp.get("optimizer", "adam"),
-                       mask=exp["mask"], batch_size=batch_size,
+                       mask=exp["mask"], grid=exp.get("grid", "glorot"),
+                       batch_size=batch_size,
                        epochs=exp["epochs"],
                        lr_decay_epochs=tuple(exp.get("lr_decay_epochs", ())),
                        augment=exp.get("augment", False))
@@ -278,12 +280,111 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
   p.add_argument("--scale", default="cpu", choices=SCALES)
   p.add_argument("--out", default=os.path.join("results", name),
                  help="output folder (default: %(default)s)")
+  p.add_argument("--set", dest="overrides", action="append", default=[],
+                 metavar="KEY=VALUE",
+                 help="override a config value (repeatable), e.g. --set "
+                 "epochs=3 --set seeds=[0,1,2] --set lr=0.01 --set "
+                 "grid=kbit:4; a key not at the top of the config applies "
+                 "to every experiment that has it; VALUE is JSON (or a "
+                 "plain string) of the same type as the default; an "
+                 "unknown key is an error (see the config with --show)")
+  p.add_argument("--show", action="store_true",
+                 help="print the config (after --set) as JSON and exit")
   p.add_argument("--only", default="",
                  help="comma-separated experiment names to keep "
                  "(e.g. mnist/mlp)")
   p.add_argument("--no-progress", action="store_true")
   add_cpu_devices_flag(p)
   return p
+
+
+class ConfigError(ValueError):
+  """A ``--set`` that names no config key, or gives a value of another type."""
+
+
+def _parse_value(text: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def _same_type(old, new) -> bool:
+  if isinstance(old, bool) or isinstance(new, bool):
+    return isinstance(old, bool) and isinstance(new, bool)
+  if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+    return not (isinstance(old, int) and isinstance(new, float))
+  if isinstance(old, list) and isinstance(new, list):
+    return all(_same_type(old[0], v) for v in new) if old and new else True
+  if old is None:
+    return True
+  return type(old) is type(new)
+
+
+def _assign(target: dict, path: list[str], value, full: str) -> bool:
+  """Sets ``target[path]``; False when the path is not in ``target``."""
+  node = target
+  for part in path[:-1]:
+    if not isinstance(node, dict) or part not in node:
+      return False
+    node = node[part]
+  if not isinstance(node, dict) or path[-1] not in node:
+    return False
+  old = node[path[-1]]
+  if not _same_type(old, value):
+    raise ConfigError(f"--set {full}: expected a value like {old!r} "
+                      f"({type(old).__name__}), got {value!r}")
+  node[path[-1]] = (float(value) if isinstance(old, float)
+                    and isinstance(value, int) else value)
+  return True
+
+
+def override(cfg: dict, assignments) -> dict:
+  """``cfg`` with every ``KEY=VALUE`` of ``assignments`` applied (a copy).
+
+  ``KEY`` is a dotted path (``epochs``, ``model_kwargs.features``); when it
+  is not a top-level key it is applied to every entry of
+  ``cfg["experiments"]`` that has it. Values are JSON (``[0,1]``, ``0.01``,
+  ``true``) or plain strings (``kbit:4``), and must have the type of the
+  value they replace.
+
+  Raises:
+    ConfigError: malformed, unknown key, or a value of another type.
+  """
+  cfg = json.loads(json.dumps(cfg))
+  for item in assignments:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"--set {item}: expected KEY=VALUE")
+    value, path = _parse_value(text), key.split(".")
+    done = _assign(cfg, path, value, item)
+    for exp in cfg.get("experiments", []) if not done else []:
+      done = _assign(exp, path, value, item) or done
+    if not done:
+      keys = sorted(set(cfg) | {k for e in cfg.get("experiments", [])
+                                for k in e})
+      raise ConfigError(f"--set {item}: no config key {key!r}; keys: "
+                        f"{', '.join(keys)}")
+  return cfg
+
+
+def notebook_setup(name: str, scales=SCALES) -> tuple[str, str]:
+  """The shared first cell of every notebook: scale, output folder, devices.
+
+  Reads ``QJAX_SCALE`` (default ``"cpu"``; one of ``scales``) and
+  ``QJAX_NOTEBOOK_OUT`` (default ``results/notebooks/<name>``), exposes the
+  CPU cores as JAX devices (before the first array), creates the folder.
+  """
+  sweep_lib.cpu_devices()
+  scale = os.environ.get("QJAX_SCALE", "cpu")
+  if scale not in scales:
+    raise ValueError(f"QJAX_SCALE={scale!r}; expected one of {scales} "
+                     "(unset it for the default, 'cpu').")
+  out = os.environ.get("QJAX_NOTEBOOK_OUT",
+                       os.path.join("results", "notebooks", name))
+  os.makedirs(out, exist_ok=True)
+  print(f"scale={scale}, figures and results in {out}")
+  return scale, out
 
 
 def positive_int(text: str) -> int:
@@ -384,6 +485,14 @@ def main(name: str, doc: str, config: Callable, run: Callable,
   args = parser(name, doc).parse_args(argv)
   sweep_lib.cpu_devices(args.cpu_devices)  # before JAX creates an array
   cfg = config(args.scale)
+  try:
+    cfg = override(cfg, args.overrides)
+  except ConfigError as err:
+    print(f"python -m experiments.{name}: error: {err}", file=sys.stderr)
+    return 2
+  if args.show:
+    print(json.dumps(cfg, indent=1))
+    return 0
   if args.only:
     try:
       cfg = select(cfg, [n for n in args.only.split(",") if n])

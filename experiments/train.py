@@ -398,7 +398,8 @@ def _train(plan: Plan) -> dict:
   for method, config in plan.configs.items():
     t0 = time.time()
     out = sweep_lib.sweep(
-        plan.model, plan.dataset, config, plan.spec(method), model_name=args.model,
+        plan.model, plan.dataset, config, plan.spec(method),
+        model_name=args.model,
         strategy=plan.strategy,
         max_configs_per_chunk=args.max_configs_per_chunk,
         checkpoint_dir=plan.checkpoint_dir(method), fresh=args.fresh,

@@ -7,7 +7,9 @@ BinaryConnect (BC), stochastic rounding (SR) and deterministic rounding (R).
 
 from qjax import codes
 from qjax import grid
+from qjax import grids
 from qjax import methods
+from qjax import network
 from qjax.grid import Grid
 from qjax.grid import contains
 from qjax.codes import Codes
@@ -31,11 +33,14 @@ from qjax.transforms import SkipNonFiniteState
 from qjax.transforms import StochasticRoundingState
 from qjax.transforms import decoded
 from qjax.transforms import latent_clipping
+from qjax.transforms import masked
 from qjax.transforms import nearest_rounding
 from qjax.transforms import skip_nonfinite
 from qjax.transforms import stochastic_rounding
 
-__version__ = "0.1.0"
+# 0.2: TrainState.model_state (was batch_stats), method registry, grid specs;
+# checkpoints of 0.1 are refused by their fingerprint, not misread.
+__version__ = "0.2.0"
 
 __all__ = (
     "Codes",
@@ -52,11 +57,14 @@ __all__ = (
     "default_mask",
     "glorot_binary_grid",
     "grid",
+    "grids",
     "glorot_scale",
     "latent_clipping",
+    "masked",
     "mean_abs_scale",
     "methods",
     "nearest_rounding",
+    "network",
     "quantize",
     "resolve_grids",
     "resolve_mask",

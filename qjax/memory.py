@@ -1,10 +1,11 @@
 """How many bytes a training state takes, by category, and a step's peak memory.
 
-:func:`memory_report` counts the stored arrays of a :class:`qjax.train.TrainState`
-(or of a bare parameter tree) exactly: every figure is a sum of the arrays'
-``nbytes`` (``prod(shape) * itemsize``; shape structs from ``jax.eval_shape``
-count the same), and the categories partition the state, so ``total`` is the
-sum of ``nbytes`` over ``jax.tree.leaves(state)``. Categories:
+:func:`memory_report` counts the stored arrays of a
+:class:`qjax.train.TrainState` (or of a bare parameter tree) exactly: every
+figure is a sum of the arrays' ``nbytes`` (``prod(shape) * itemsize``; shape
+structs from ``jax.eval_shape`` count the same), and the categories partition
+the state, so ``total`` is the sum of ``nbytes`` over
+``jax.tree.leaves(state)``. Categories:
 
 * ``codes``: the ``data`` of every :class:`qjax.codes.Codes` leaf of the
   parameters (bit-packed binary codes, ``uint8``/``uint16`` codes), padding
@@ -347,7 +348,8 @@ def format_report(report: dict, layers: bool = True) -> str:
     lines.append(f"{'layer':24} {'kind':6} {'shape':18} {'weights':>9} "
                  f"{'bytes':>10} {'bits/w':>6} {'opt bytes':>10}")
     for r in report["layers"]:
-      bits = "-" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.2f}"
+      bits = ("-" if r["bits_per_weight"] is None
+              else f"{r['bits_per_weight']:.2f}")
       lines.append(f"{r['name'][:24]:24} {r['kind']:6} "
                    f"{str(r['shape'])[:18]:18} {r['weights']:>9,} "
                    f"{r['bytes']:>10,} {bits:>6} {r['optimizer_bytes']:>10,}")

@@ -330,3 +330,28 @@ def has_conv_kernels(params: PyTree) -> bool:
   return any(
       quantizers.all_kernels(quantizers.path_names(path), leaf)
       and len(quantizers.leaf_shape(leaf)) == 4 for path, leaf in flat)
+
+
+def nnx_view(model, view: Callable, key=None):
+  """An NNX model whose parameters are ``view`` of ``model``'s (for BC).
+
+  For training an NNX model with the plain optax rules and
+  ``nnx.Optimizer``: the forward pass of a method with a quantized view
+  (BC's ``Q_d(w_r)`` with the straight-through gradient) runs on
+  ``nnx_view(model, method.view)(x)``; gradients taken with ``nnx.grad``
+  with respect to ``model`` flow through the view to its latent
+  parameters. Methods whose view is the identity (SR, R, FP) can call the
+  model directly.
+
+  Args:
+    model: an ``nnx.Module``.
+    view: ``(params, key=None) -> params`` on the pure-dict parameters
+      (e.g. ``qjax.Method.view``); masks see NNX paths such as
+      ``("layers", 0, "kernel")``.
+    key: passed to ``view`` (stochastic views, e.g. ``sbc``).
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  pure = nnx.to_pure_dict(params)
+  viewed = view(pure) if key is None else view(pure, key)
+  nnx.replace_by_pure_dict(params, viewed)
+  return nnx.merge(graphdef, params, rest)

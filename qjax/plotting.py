@@ -29,7 +29,7 @@ import re
 METHODS = {
     "fp": ("#7f7f7f", ("fp", "float", "full-precision")),        # tab:gray
     "bc": ("#1f77b4", ("bc", "binaryconnect")),                  # tab:blue
-    "bc_stochastic": ("#17becf", ("bc-stochastic", "stochastic-bc", "sbc",
+    "sbc": ("#17becf", ("bc-stochastic", "stochastic-bc", "bc_stochastic",
                                   "bc-s")),                      # tab:cyan
     "sr": ("#ff7f0e", ("sr",)),                                  # tab:orange
     "big-sr": ("#2ca02c", ("big-sr", "sr-big")),                 # tab:green

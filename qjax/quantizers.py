@@ -276,7 +276,8 @@ def stochastic_binarize(key: Array, x: ArrayLike,
 
 
 def glorot_scale(shape: tuple[int, ...]) -> float:
-  """BinaryConnect's per-layer binary scale ``H = sqrt(1.5 / (fan_in + fan_out))``.
+  """BinaryConnect's per-layer binary scale
+  ``H = sqrt(1.5 / (fan_in + fan_out))``.
 
   For a Flax kernel the last axis is the output: dense ``(in, out)`` has
   ``fan_in = in``; a conv kernel ``(h, w, in, out)`` has ``fan_in = h w in``
@@ -432,7 +433,8 @@ def _static_bool(value, path: tuple[str, ...], source: str) -> bool:
 
 def _describe_paths(params: PyTree, limit: int = 10) -> str:
   paths = ["/".join(path_names(p)) or "<root>"
-           for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=codes_lib.is_codes)[0]]
+           for p, _ in jax.tree_util.tree_flatten_with_path(
+               params, is_leaf=codes_lib.is_codes)[0]]
   if not paths:
     return "the parameter tree has no leaves"
   shown = ", ".join(repr(p) for p in paths[:limit])
@@ -442,8 +444,10 @@ def _describe_paths(params: PyTree, limit: int = 10) -> str:
 
 def _check_selected(mask: PyTree, params: PyTree, allow_empty: bool) -> None:
   """Selected leaves are floats; something is selected (unless allowed)."""
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=codes_lib.is_codes)[0]
-  selected = jax.tree_util.tree_structure(params, is_leaf=codes_lib.is_codes).flatten_up_to(mask)
+  flat = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=codes_lib.is_codes)[0]
+  selected = jax.tree_util.tree_structure(
+      params, is_leaf=codes_lib.is_codes).flatten_up_to(mask)
   for (path, leaf), m in zip(flat, selected):
     dtype = _leaf_dtype(leaf)
     if m and not jnp.issubdtype(dtype, jnp.floating):

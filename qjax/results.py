@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,7 +31,8 @@ def environment() -> dict:
       "jax": jax.__version__, "jaxlib": jaxlib.__version__,
       "flax": flax.__version__, "optax": optax.__version__,
       "numpy": np.__version__, "backend": jax.default_backend(),
-      "devices": [str(d) for d in devices], "device_kind": devices[0].device_kind,
+      "devices": [str(d) for d in devices],
+      "device_kind": devices[0].device_kind,
   }
 
 
@@ -219,3 +221,53 @@ def error_table(runs: list[dict]) -> str:
 
 def _cell(v) -> str:
   return "" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def config_name(config: dict) -> str:
+  """``"seed=0,lr=0.001"``: a config as a folder or tag name."""
+  return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in config.items())
+
+
+def tensorboard_logger(logdir: str, prefix: str = "") -> Callable:
+  """An ``on_epoch`` callback for :func:`qjax.sweep.sweep` that writes
+  TensorBoard event files, one run folder per config.
+
+  Every per-config scalar of the epoch record (``train_loss``,
+  ``test_error``, ``val_error``, ...) and each layer's sign-change fraction
+  is written at ``step = epoch`` under ``logdir/<prefix><config_name>``.
+  Needs ``tensorboardX`` (``pip install qjax[tensorboard]``).
+
+  Example:
+    >>> log = qjax.results.tensorboard_logger("runs/sr", prefix="sr/")
+    >>> qjax.sweep.sweep(model, ds, config, spec, on_epoch=log)
+    >>> log.close()
+  """
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError as err:
+    raise ImportError("tensorboard_logger needs tensorboardX: pip install "
+                      "'qjax[tensorboard]'") from err
+  writers: dict[str, Any] = {}
+
+  def on_epoch(record: dict, configs: list[dict]) -> None:
+    for i, config in enumerate(configs):
+      name = prefix + config_name(config)
+      if name not in writers:
+        writers[name] = SummaryWriter(os.path.join(logdir, name))
+      writer = writers[name]
+      for key, values in record.items():
+        if isinstance(values, list) and len(values) == len(configs):
+          writer.add_scalar(key, float(values[i]), record["epoch"])
+      for layer, values in record.get("sign_flips", {}).items():
+        writer.add_scalar(f"sign_flips/{layer}", float(values[i]),
+                          record["epoch"])
+      writer.flush()
+
+  def close() -> None:
+    for writer in writers.values():
+      writer.close()
+
+  on_epoch.close = close
+  on_epoch.writers = writers
+  return on_epoch

@@ -1,23 +1,21 @@
-"""Sweeps: one compiled program trains seeds x learning rates of one method.
+"""Sweeps: one compiled program trains the product of seeds and hparams.
 
-A sweep is a whole training run vmapped (or ``lax.map``-ped) over a leading
-config axis. The config axis is sharded over all local devices, split into
-chunks when it does not fit in memory, and never recompiled between epochs.
+A sweep is a whole training run vmapped (or ``lax.map``-ped, or looped) over
+a leading config axis: the product of seeds and any named hyperparameters
+(:class:`SweepSpec`) of one method, grid and model. The config axis is
+sharded over all local devices, split into chunks when it does not fit in
+memory, and never recompiled between epochs. The parts live in their own
+modules, re-exported here:
 
-How the program runs is a :class:`Strategy`:
+* :mod:`qjax.execution`: how it runs (:class:`Strategy`,
+  :func:`choose_strategy`, the compiled :class:`Programs`);
+* :mod:`qjax.devices`: where (CPU cores as devices, sharding, lanes);
+* :mod:`qjax.provenance`: what identifies a run (:func:`fingerprint`).
 
-* ``steps``: ``"scan"`` runs an epoch as one ``lax.scan``; ``"loop"`` calls
-  one jitted step from Python. On XLA:CPU a scanned convnet step measured
-  several times slower than the same step jitted alone, while an MLP is fine
-  either way (``benchmarks/sweep_throughput.py``).
-* ``configs``: ``"vmap"`` batches the configs into one program; ``"map"``
-  runs them one after another inside it (``lax.map``, a scan); ``"loop"``
-  calls the unbatched compiled step once per config from Python. For the
-  small CNN on XLA:CPU a vmapped step of 8 configs cost 3.2x the unbatched
-  step per config, and ``lax.map`` pays the scan penalty, so ``loop`` wins.
-
-:func:`choose_strategy` picks by backend and model; pass ``strategy=`` to
-override.
+This module plans a sweep (:func:`sweep`: configs, chunks, validation
+split, hyperparameter checks), runs its chunks epoch by epoch
+(:func:`run_chunk`: checkpoints, progress, ``on_epoch``), and records
+per-epoch metrics.
 
 Reproducibility: config i of a sweep draws exactly the random numbers of the
 single run with config i (same keys, same shuffles, same SR noise), and is
@@ -41,98 +39,47 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import os
-import re
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qjax import methods as methods_lib
 from qjax import network as network_lib
 from qjax import train as train_lib
-from qjax.data import batching
+# The sweep's parts, re-exported here (the public names a sweep user needs):
+# how it runs (qjax.execution), where (qjax.devices), what identifies it
+# (qjax.provenance).
+from qjax.devices import config_sharding
+from qjax.devices import cpu_devices
+from qjax.devices import pad_configs
+from qjax.devices import replicated
+from qjax.execution import CONV_MODELS
+from qjax.execution import Programs
+from qjax.execution import Strategy
+from qjax.execution import choose_strategy
+from qjax.execution import programs
+from qjax.execution import shuffles
+from qjax.provenance import describe_dataset
+from qjax.provenance import fingerprint
+from qjax.provenance import is_streaming
+from qjax.provenance import model_definition
+
+__all__ = ("CONV_MODELS", "Programs", "Strategy", "SweepSpec",
+           "check_resumable", "choose_strategy", "cpu_devices",
+           "describe_dataset", "fingerprint", "is_streaming",
+           "model_definition", "programs", "run_chunk", "split_validation",
+           "sweep", "train")
 
 PyTree = Any
 
 
-@dataclasses.dataclass(frozen=True)
-class Strategy:
-  steps: str = "scan"     # "scan" | "loop"
-  configs: str = "vmap"   # "vmap" | "map" | "loop"
-
-  def __post_init__(self):
-    if self.steps not in ("scan", "loop"):
-      raise ValueError(f"Strategy.steps must be 'scan' or 'loop'; got "
-                       f"{self.steps!r}.")
-    if self.configs not in ("vmap", "map", "loop"):
-      raise ValueError(f"Strategy.configs must be 'vmap', 'map' or 'loop'; "
-                       f"got {self.configs!r}.")
 
 
-CONV_MODELS = ("cnn", "vgg9", "vgg_bc", "resnet56", "wrn56_2", "resnet18")
-
-
-def choose_strategy(params_or_name, backend: str | None = None) -> Strategy:
-  """The measured-fastest strategy for a model on ``backend``.
-
-  On CPU a convnet runs as a Python loop of unbatched jitted steps, config
-  after config (a scanned or vmapped conv step measured several times slower
-  there: ``benchmarks/sweep_throughput.py``); MLPs, and every model on
-  GPU/TPU, use a scanned epoch with vmapped configs.
-
-  Args:
-    params_or_name: the model's parameter tree (arrays or shape structs): a
-      convnet is one with a rank-4 kernel
-      (:func:`qjax.network.has_conv_kernels`); or a name from
-      :data:`CONV_MODELS`.
-    backend: default: JAX's default backend.
-  """
-  backend = backend or jax.default_backend()
-  conv = (params_or_name in CONV_MODELS if isinstance(params_or_name, str)
-          else network_lib.has_conv_kernels(params_or_name))
-  if backend == "cpu" and conv:
-    return Strategy(steps="loop", configs="loop")
-  return Strategy(steps="scan", configs="vmap")
-
-
-def cpu_devices(count: int | None = None) -> int:
-  """Exposes the host CPU as ``count`` JAX devices (default: one per core).
-
-  A sweep shards its configs over all local devices; on a CPU host that is
-  one device unless the cores are exposed as several, and then the configs
-  of each device run concurrently on its share of the cores. Measured here
-  (2 cores, 16 configs; ``benchmarks/sweep_throughput.py``): the vmapped MLP
-  sweep and the looped CNN sweep both run faster on 2 devices than on 1.
-  Single runs are unaffected (a one-config run uses one device).
-
-  It must run before JAX creates its first array; afterwards, or when the
-  user chose a count (``JAX_NUM_CPU_DEVICES`` or ``XLA_FLAGS=
-  --xla_force_host_platform_device_count``), it changes nothing. GPU and TPU
-  runs are unaffected: only the CPU platform is split.
-
-  Returns:
-    The number of CPU devices this process has.
-  """
-  if count is None:
-    count = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
-  if not isinstance(count, int) or count < 1:
-    raise ValueError(f"count must be an int >= 1; got {count!r}.")
-  chosen = ("xla_force_host_platform_device_count"
-            in os.environ.get("XLA_FLAGS", "")
-            or jax.config.jax_num_cpu_devices != -1)
-  if not chosen:
-    try:
-      jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # backends already initialised: keep what they have
-      pass
-  return len(jax.devices("cpu"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,360 +170,18 @@ def _check_values(name: str, values, ok: Callable, allowed: str) -> None:
                      f"{allowed}; got {name}={tuple(values)!r} ({why}).")
 
 
-def _over_configs(fn: Callable, how: str, in_axes: tuple) -> Callable:
-  """``fn`` compiled for a leading config axis on the args marked ``0``.
-
-  ``vmap`` batches the configs into one program, ``map`` runs them one after
-  another inside one program (``lax.map``, itself a scan), and ``loop`` calls
-  the unbatched compiled ``fn`` once per config from Python.
-  """
-  if how == "vmap":
-    return jax.jit(jax.vmap(fn, in_axes=in_axes))
-
-  def call_with(args, batched_values):
-    it = iter(batched_values)
-    return fn(*[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)])
-
-  if how == "map":
-    def mapped(*args):
-      batched = [a for a, ax in zip(args, in_axes) if ax == 0]
-      return jax.lax.map(lambda xs: call_with(args, xs), batched)
-    return jax.jit(mapped)
-
-  single = jax.jit(fn)
-
-  def looped(*args):
-    batched = [a for a, ax in zip(args, in_axes) if ax == 0]
-    lanes = [_lanes(a) for a in batched]
-    outs = []
-    for i in range(len(lanes[0])):
-      it = iter(lane[i] for lane in lanes)
-      device = _device_of(lanes[0][i])
-      outs.append(single(*[next(it) if ax == 0 else _on_device(a, device)
-                           for a, ax in zip(args, in_axes)]))
-    return _stack_lanes(outs)
-  looped.single = single
-  return looped
 
 
-# ----------------------------------------------------------------------------
-# Per-config lanes for the "loop" config strategy. A lane lives on the device
-# that holds its row of the sharded config axis, so that calls for configs on
-# different devices run concurrently (dispatch is asynchronous).
-# ----------------------------------------------------------------------------
 
 
-def _on_several_devices(v) -> bool:
-  return isinstance(v, jax.Array) and len(v.sharding.device_set) > 1
 
 
-def _rows(v: jax.Array) -> list:
-  """``[v[0], v[1], ...]``, each row on the device that holds it."""
-  if not _on_several_devices(v):
-    return list(v)
-  rows = [None] * v.shape[0]
-  for shard in v.addressable_shards:
-    start = shard.index[0].start or 0
-    for j in range(shard.data.shape[0]):
-      rows[start + j] = shard.data[j]
-  return rows
 
 
-def _lanes(tree) -> list:
-  """Splits a pytree with a leading config axis into per-config pytrees."""
-  leaves, treedef = jax.tree.flatten(tree)
-  rows = [_rows(v) for v in leaves]
-  return [treedef.unflatten([r[i] for r in rows])
-          for i in range(len(rows[0]))]
 
 
-def _device_of(tree):
-  leaf = jax.tree.leaves(tree)[0]
-  return next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else None
 
 
-def _on_device(tree, device):
-  """``tree`` with replicated leaves replaced by their copy on ``device``."""
-  if device is None:
-    return tree
-
-  def local(v):
-    if _on_several_devices(v):
-      for shard in v.addressable_shards:
-        if shard.device == device:
-          return shard.data
-    return v
-  return jax.tree.map(local, tree)
-
-
-def _stack_lanes(lanes: list):
-  """Inverse of :func:`_lanes`: stacks per-config pytrees along axis 0.
-
-  Lanes on several devices (grouped by device in config order, as
-  :func:`_lanes` returns them) are stacked on their devices and assembled
-  into one array sharded over the config axis, without copies between
-  devices.
-  """
-  devices = [_device_of(lane) for lane in lanes]
-  order = list(dict.fromkeys(devices))
-  if len(order) <= 1:
-    return jax.tree.map(lambda *v: jnp.stack(v), *lanes)
-  per = len(lanes) // len(order)
-  if devices != [d for d in order for _ in range(per)]:
-    raise ValueError("configs must be grouped by device in equal blocks; got "
-                     f"devices {devices}.")
-  spec = NamedSharding(Mesh(np.array(order), ("config",)),
-                       PartitionSpec("config"))
-  leaves = [jax.tree.leaves(lane) for lane in lanes]
-  out = []
-  for j in range(len(leaves[0])):
-    column = [lane[j] for lane in leaves]
-    blocks = [jnp.stack(column[k * per:(k + 1) * per]) for k in
-              range(len(order))]
-    out.append(jax.make_array_from_single_device_arrays(
-        (len(lanes),) + column[0].shape, spec, blocks))
-  return jax.tree.structure(lanes[0]).unflatten(out)
-
-
-class Programs:
-  """The jitted per-chunk programs of one (model, config, strategy, task).
-
-  Public seams for benchmarks and custom loops: ``init(keys, sample_x,
-  hps)``, ``step(states, x, y, idx, hps)``, ``epoch(...)``, ``eval(states,
-  x, y, hps)``, each over a leading config axis as ``strategy.configs``
-  says. The method is built from each config's (traced) ``hps`` inside the
-  traced program: with its key at ``init``, without one in the step (its
-  randomness lives in the optimizer state) and in evaluation.
-  """
-
-  def __init__(self, model, config, strategy: Strategy,
-               task: train_lib.Task = train_lib.CLASSIFICATION):
-    how = strategy.configs
-    network = network_lib.as_network(model)
-
-    def init_one(key, sample_x, hp):
-      return train_lib.init_state(network, config, key, sample_x, hp)
-
-    def step_one(state, x_all, y_all, idx, hp):
-      return train_lib.train_step(network, config, state,
-                                  (x_all[idx], y_all[idx]), hp, task=task)
-
-    def shared_step_one(state, x, y, hp):  # one streamed batch for all configs
-      return train_lib.train_step(network, config, state, (x, y), hp,
-                                  task=task)
-
-    def epoch_one(state, x_all, y_all, idx, hp):
-      def body(s, i):
-        return step_one(s, x_all, y_all, i, hp)
-      state, metrics = jax.lax.scan(body, state, idx)
-      return state, jax.tree.map(jnp.mean, metrics)
-
-    def eval_one(state, x, y, hp):
-      out = train_lib.evaluate(network, config, state, x, y, hparams=hp,
-                               task=task)
-      out["sign_flips"] = train_lib.sign_flips(config, state)
-      return out
-
-    self.init = _over_configs(init_one, how, (0, None, 0))
-    self.step = _over_configs(step_one, how, (0, None, None, 0, 0))
-    self.shared_step = _over_configs(shared_step_one, how, (0, None, None, 0))
-    self.epoch = _over_configs(epoch_one, how, (0, None, None, 0, 0))
-    self.eval = _over_configs(eval_one, how, (0, None, None, 0))
-    self.strategy = strategy
-
-  def run_stream_epoch(self, states, batches, hps):
-    """One epoch over streamed ``(x, y)`` batches shared by every config."""
-    totals, steps = None, 0
-    for x, y in batches:
-      states, metrics = self.shared_step(states, jnp.asarray(x),
-                                         jnp.asarray(y), hps)
-      totals = metrics if totals is None else jax.tree.map(jnp.add, totals,
-                                                           metrics)
-      steps += 1
-    if not steps:
-      raise ValueError("the training stream yielded no batch this epoch.")
-    return states, jax.tree.map(lambda v: v / steps, totals)
-
-  def stream_eval(self, states, batches, hps):
-    """Test metrics over streamed batches, weighted by batch size."""
-    sums, count, flips = None, 0, None
-    for x, y in batches:
-      out = self.eval(states, jnp.asarray(x), jnp.asarray(y), hps)
-      flips = out.pop("sign_flips")
-      weighted = jax.tree.map(lambda v: v * len(y), out)
-      sums = weighted if sums is None else jax.tree.map(jnp.add, sums,
-                                                        weighted)
-      count += len(y)
-    if not count:
-      raise ValueError("the test stream yielded no batch.")
-    return dict(jax.tree.map(lambda v: v / count, sums), sign_flips=flips)
-
-  def run_epoch(self, states, x, y, idx, hps):
-    """``idx``: ``[C, steps, batch]``; returns states and mean metrics."""
-    if self.strategy.steps == "scan":
-      return self.epoch(states, x, y, idx, hps)
-    if self.strategy.configs == "loop":
-      return self._run_epoch_lanes(states, x, y, idx, hps)
-    totals = None
-    for t in range(idx.shape[1]):
-      states, metrics = self.step(states, x, y, idx[:, t], hps)
-      totals = metrics if totals is None else jax.tree.map(jnp.add, totals,
-                                                           metrics)
-    return states, jax.tree.map(lambda v: v / idx.shape[1], totals)
-
-  def _run_epoch_lanes(self, states, x, y, idx, hps):
-    """Step after step, config after config, with the states kept apart.
-
-    Splitting and restacking the configs once per epoch rather than once per
-    step saves a slice and a stack of every state leaf per step; configs on
-    different devices run concurrently.
-    """
-    lanes, hp_lanes, idx_lanes = _lanes(states), _lanes(hps), _lanes(idx)
-    devices = [_device_of(lane) for lane in lanes]
-    data = [_on_device((x, y), d) for d in devices]
-    step = self.step.single
-    sums = [None] * len(lanes)
-    for t in range(idx.shape[1]):
-      for i, lane in enumerate(lanes):
-        lanes[i], metrics = step(lane, *data[i], idx_lanes[i][t], hp_lanes[i])
-        sums[i] = metrics if sums[i] is None else jax.tree.map(
-            jnp.add, sums[i], metrics)
-    means = [jax.tree.map(lambda v: v / idx.shape[1], m) for m in sums]
-    return _stack_lanes(lanes), _stack_lanes(means)
-
-
-@functools.lru_cache(maxsize=32)
-def programs(model, config, strategy: Strategy,
-             task: train_lib.Task = train_lib.CLASSIFICATION) -> Programs:
-  """Compiled programs, shared by every sweep of the same model and config.
-
-  Flax modules, NNX constructors and the frozen configs are hashable, so a
-  second sweep (another seed set, another batch of learning rates, a later
-  chunk) reuses the jitted functions and XLA's compiled executables instead
-  of recompiling.
-  """
-  return Programs(model, config, strategy, task)
-
-
-def _config_sharding(num_configs: int, pad: bool | None = None):
-  """Shards ``num_configs`` configs over local devices (None: one device).
-
-  With ``pad`` (the default on accelerators) the configs use up to
-  ``num_configs`` devices and are padded to a multiple of the count: the
-  devices work in parallel, so padding only costs memory. Without it (the
-  default on CPU, whose devices share the host's cores, so a padded config
-  costs as much time as a real one) the count is the largest that divides
-  ``num_configs``: 16 configs on 2 CPU devices use both, 3 configs use one.
-  A single run is never sharded.
-  """
-  devices = jax.local_devices()
-  if pad is None:
-    pad = devices[0].platform != "cpu"
-  usable = min(len(devices), num_configs)
-  count = usable if pad else max(d for d in range(1, usable + 1)
-                                 if num_configs % d == 0)
-  if count == 1:
-    return None
-  mesh = Mesh(np.array(devices[:count]), ("config",))
-  return NamedSharding(mesh, PartitionSpec("config"))
-
-
-def _replicated(sharding, tree):
-  """``tree`` copied to every device of ``sharding``'s mesh (once per run)."""
-  if sharding is None:  # device_put copies about 1.6x faster than asarray
-    return jax.device_put(tree)
-  return jax.device_put(tree, NamedSharding(sharding.mesh, PartitionSpec()))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _shuffles(keys: jax.Array, num_examples: int, batch_size: int):
-  """One epoch of batch indices per config, ``[C, steps, batch]``.
-
-  Jitted once at module level, so that it compiles once per dataset size and
-  batch size rather than once per run (a fresh ``jax.jit`` per run recompiled
-  the shuffle every time: 0.5 s of each single MNIST run).
-  """
-  return jax.vmap(lambda k: batching.shuffle_batches(
-      k, num_examples, batch_size))(keys)
-
-
-def _pad_configs(configs: list[dict], multiple: int) -> list[dict]:
-  extra = (-len(configs)) % multiple
-  return configs + [configs[-1]] * extra
-
-
-def fingerprint(model, dataset, config: train_lib.TrainConfig,
-                configs: list[dict], strategy: Strategy,
-                task: train_lib.Task = train_lib.CLASSIFICATION,
-                validation: tuple | None = None) -> dict:
-  """Everything that determines a chunk's run, as JSON-able values.
-
-  A checkpoint records it; resuming with another fingerprint is refused
-  (:class:`qjax.checkpoint.FingerprintMismatchError`), so a changed flag, seed,
-  dataset or model never continues another run's training.
-  """
-  import jax as _jax
-  import jaxlib
-  import qjax
-  train_config = dataclasses.asdict(config)
-  # Not the epoch count: a run may be extended (checkpoint.check_epochs).
-  del train_config["epochs"]
-  return {
-      "train_config": train_config,
-      "configs": [dict(c) for c in configs],
-      "strategy": dataclasses.asdict(strategy),
-      "dataset": describe_dataset(dataset),
-      "model": model_definition(model),
-      "task": task.name,
-      "validation": (None if validation is None else
-                     _hash_arrays(tuple(_Hashable(a) for a in validation))),
-      "versions": {"qjax": qjax.__version__, "jax": _jax.__version__,
-                   "jaxlib": jaxlib.__version__},
-  }
-
-
-def model_definition(model) -> str:
-  """The model's definition without memory addresses (stable across
-  processes): ``repr`` of a Linen module, the graph of an NNX model."""
-  if isinstance(model, str):
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", model)
-  return network_lib.as_network(model).definition
-
-
-class _Hashable:
-  """An array keyed by identity, so its content hash is computed once."""
-
-  def __init__(self, array):
-    self.array = array
-
-  def __hash__(self):
-    return id(self.array)
-
-  def __eq__(self, other):
-    return self.array is other.array
-
-
-def describe_dataset(dataset) -> dict:
-  """Name, sizes and (in memory) a content hash of ``dataset``."""
-  if is_streaming(dataset):
-    return {"name": dataset.name, "train": int(dataset.num_train),
-            "streamed": True}
-  arrays = (dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y)
-  content = _hash_arrays(tuple(_Hashable(a) for a in arrays))
-  return {"name": dataset.name, "train": int(dataset.train_x.shape[0]),
-          "test": int(dataset.test_x.shape[0]),
-          "input_shape": list(dataset.train_x.shape[1:]),
-          "num_classes": int(dataset.num_classes), "content": content}
-
-
-@functools.lru_cache(maxsize=8)
-def _hash_arrays(arrays: tuple) -> str:
-  digest = hashlib.blake2b(digest_size=16)
-  for wrapped in arrays:
-    a = np.ascontiguousarray(np.asarray(wrapped.array))
-    digest.update(f"{a.dtype}{a.shape}".encode())
-    digest.update(memoryview(a).cast("B"))
-  return digest.hexdigest()
 
 
 def run_chunk(model, dataset, config: train_lib.TrainConfig,
@@ -608,9 +213,9 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
                                     task, validation), fresh=fresh)
     ckpt_lib.check_epochs(checkpoint_dir, config.epochs)
   num_real = len(configs)
-  sharding = _config_sharding(num_real)
+  sharding = config_sharding(num_real)
   if sharding is not None:
-    configs = _pad_configs(configs, len(sharding.device_set))
+    configs = pad_configs(configs, len(sharding.device_set))
   keys = jnp.stack([jax.random.PRNGKey(c["seed"]) for c in configs])
   hps = {name: jnp.asarray([c[name] for c in configs], jnp.float32)
          for name in configs[0] if name != "seed"}
@@ -619,11 +224,11 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
     sample_x = jnp.asarray(next(iter(dataset.train_batches(
         0, config.batch_size)))[0])
   else:
-    x_train, y_train, x_test, y_test = _replicated(sharding, (
+    x_train, y_train, x_test, y_test = replicated(sharding, (
         dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y))
     sample_x = x_train[:config.batch_size]
   if validation is not None:
-    x_val, y_val = _replicated(sharding, validation)
+    x_val, y_val = replicated(sharding, validation)
   if sharding is not None:
     keys, hps = jax.device_put((keys, hps), sharding)
 
@@ -652,7 +257,7 @@ def run_chunk(model, dataset, config: train_lib.TrainConfig,
       else:
         epoch_keys = jax.vmap(lambda k: jax.random.fold_in(k, epoch))(
             states.key)
-        idx = _shuffles(epoch_keys, x_train.shape[0], config.batch_size)
+        idx = shuffles(epoch_keys, x_train.shape[0], config.batch_size)
         states, train_metrics = compiled.run_epoch(states, x_train, y_train,
                                                    idx, hps)
         evals = compiled.eval(states, x_test, y_test, hps)
@@ -730,9 +335,6 @@ def _progress(iterable, enabled: bool, **kwargs):
   return tqdm(iterable, leave=True, **kwargs)
 
 
-def is_streaming(dataset) -> bool:
-  """A :class:`qjax.data.StreamingDataset` rather than in-memory arrays."""
-  return hasattr(dataset, "train_batches")
 
 
 def split_validation(dataset, validation):

@@ -1,4 +1,4 @@
-"""Training: a pure step ``(state, batch) -> (state, metrics)`` for every method.
+"""Training: a pure step ``(state, batch) -> (state, metrics)``, any method.
 
 The step knows nothing about which method it runs: it differentiates the
 task's loss at ``method.view(decode_tree(params), key)`` and applies

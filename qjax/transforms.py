@@ -426,3 +426,22 @@ def skip_nonfinite(inner: optax.GradientTransformation
         new_inner, state.skipped + skip, (state.streak + skip) * skip)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def masked(inner: optax.GradientTransformation, mask
+           ) -> optax.GradientTransformationExtraArgs:
+  """``optax.masked`` with a qjax mask: ``inner`` on the selected leaves only.
+
+  ``mask`` is anything :func:`qjax.resolve_mask` takes (a predicate
+  ``(path, leaf) -> bool`` such as :func:`qjax.conv_kernels`, or a tree of
+  bools); :class:`~qjax.Codes` count as leaves. The unselected leaves pass
+  their updates through, as with ``optax.masked``. Inside it, build the qjax
+  rule with ``mask=qjax.all_floats`` so that it acts on every leaf it is
+  given (its default, the kernels, would skip a selected bias)::
+
+      tx = optax.chain(optax.adam(1e-3), qjax.masked(
+          qjax.stochastic_rounding(grid, key, mask=qjax.all_floats),
+          qjax.conv_kernels))
+  """
+  return optax.masked(optax.with_extra_args_support(inner),
+                      lambda tree: quantizers.resolve_mask(mask, tree))

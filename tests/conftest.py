@@ -33,4 +33,5 @@ def rng(seed):
 
 
 def pytest_report_header(config):
-  return f"jax {jax.__version__}, devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+  return (f"jax {jax.__version__}, devices: {jax.devices()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")

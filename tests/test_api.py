@@ -53,3 +53,36 @@ def test_readme_codes_example_trains_a_model_stored_as_codes():
   assert set(np.unique(np.asarray(codes.decode(kernel))).tolist()) == {
       -0.5, 0.5}
   assert loss(codes.decode_tree(params)) < 0.7 * first
+
+
+def test_readme_registry_example_registers_a_method_that_trains():
+  """The README's ``sr_half`` block, executed as written, then trained
+  through the engine on a few digits (the registry promise)."""
+  import pathlib
+  import re
+
+  import numpy as np
+
+  from qjax import data, models
+  from qjax.sweep import SweepSpec, sweep
+  from qjax.train import TrainConfig
+
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "register(\"sr_half\"" in b)
+  try:
+    exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
+    assert "sr_half" in qjax.methods.names()
+    ds = data.load("digits")
+    ds = ds._replace(train_x=ds.train_x[:512], train_y=ds.train_y[:512])
+    out = sweep(models.get("mlp", 10, features=(32,)), ds,
+                TrainConfig(method="sr_half", batch_size=64, epochs=2),
+                SweepSpec(seeds=(0,), lrs=(0.01,)), progress=False)
+    assert out["history"][-1]["test_error"][0] < 0.6  # chance: 0.9
+    kernels = [v for v in qjax.codes.decode_tree(out["final_state"].params)
+               ["Dense_0"].values() if v.ndim == 3]
+    assert kernels and np.unique(kernels[0]).size == 2  # stored as ±H codes
+  finally:
+    if "sr_half" in qjax.methods.names():
+      qjax.methods.unregister("sr_half")

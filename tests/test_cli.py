@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+import qjax
+
 from experiments import train as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,7 +281,9 @@ def test_help_shows_prog_defaults_and_choices(capsys):
   assert text.startswith("usage: python -m experiments.train")
   flat = " ".join(text.split())
   assert "(default: 0.001)" in flat  # the README's learning rate
-  assert "{fp,bc,sr,r} (default: fp,bc,sr,r)" in flat
+  assert "(default: fp,bc,sr,r)" in flat
+  for name in qjax.methods.names():  # every registered method, documented
+    assert f"{name} ({qjax.methods.get(name).doc})" in flat
   for flag in ("--dataset", "--epochs", "--batch-size", "--out", "--seeds"):
     help_text = text[text.index(f"  {flag}"):].split("\n  -")[0]
     assert "(default:" in help_text, flag

@@ -23,7 +23,8 @@ from qjax.data import __main__ as cli
 from qjax.data import fetching
 from qjax.data import registry
 
-UNREACHABLE = "http://127.0.0.1:9/"  # discard port: refused at once, offline-safe
+# The discard port: refused at once, offline-safe.
+UNREACHABLE = "http://127.0.0.1:9/"
 
 
 # ---------------------------------------------------------------- file writers
@@ -32,7 +33,8 @@ UNREACHABLE = "http://127.0.0.1:9/"  # discard port: refused at once, offline-sa
 def idx_bytes(array: np.ndarray) -> bytes:
   """Encodes a uint8 array as IDX, independently of the reader under test."""
   header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-  return header + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+  return (header + struct.pack(f">{array.ndim}I", *array.shape)
+          + array.astype(np.uint8).tobytes())
 
 
 def cifar_bytes(images_chw: np.ndarray, labels: np.ndarray) -> bytes:
@@ -52,14 +54,17 @@ def tiny_images(n: int, seed: int) -> np.ndarray:
 
 def register_tiny_idx(monkeypatch, name="mnist", n_train=5, n_test=3):
   """Registers a tiny IDX dataset; returns {filename: canonical bytes}."""
-  arrays = {"train_x": tiny_images(n_train, 0), "test_x": tiny_images(n_test, 1),
-            "train_y": np.arange(n_train) % 10, "test_y": np.arange(n_test) % 10}
+  arrays = {"train_x": tiny_images(n_train, 0),
+            "test_x": tiny_images(n_test, 1),
+            "train_y": np.arange(n_train) % 10,
+            "test_y": np.arange(n_test) % 10}
   base = registry.DATASETS[name].files
   files, specs = {}, {}
   for role, array in arrays.items():
     data = idx_bytes(array)
     files[base[role].filename] = data
-    specs[role] = registry.FileSpec(base[role].filename, array.shape, sha256=sha256(data))
+    specs[role] = registry.FileSpec(base[role].filename, array.shape,
+                                    sha256=sha256(data))
   spec = registry.DatasetSpec("idx", specs, 10, urls=(UNREACHABLE,))
   monkeypatch.setitem(registry.DATASETS, name, spec)
   return files, arrays
@@ -109,7 +114,8 @@ def test_load_idx_dataset_scales_and_shapes(tmp_path, monkeypatch):
   ds = qd.load("mnist", cache_dir=tmp_path)
   assert ds.train_x.shape == (5, 4, 4, 1) and ds.test_x.shape == (3, 4, 4, 1)
   assert ds.train_x.dtype == np.float32 and ds.train_y.dtype == np.int32
-  np.testing.assert_allclose(ds.train_x[..., 0] * 255, arrays["train_x"], atol=1e-4)
+  np.testing.assert_allclose(ds.train_x[..., 0] * 255, arrays["train_x"],
+                             atol=1e-4)
   np.testing.assert_array_equal(ds.test_y, arrays["test_y"])
   assert ds.num_classes == 10 and ds.name == "mnist"
 
@@ -122,10 +128,12 @@ def test_load_missing_file_names_path_and_fetch_command(tmp_path, monkeypatch):
     qd.load("mnist", cache_dir=tmp_path)
   assert isinstance(info.value, FileNotFoundError)
   assert str(tmp_path / "mnist" / "t10k-labels-idx1-ubyte") in str(info.value)
-  assert f"python -m qjax.data fetch mnist --cache-dir {tmp_path}" in str(info.value)
+  assert (f"python -m qjax.data fetch mnist --cache-dir {tmp_path}"
+          in str(info.value))
 
 
-def test_load_checksum_mismatch_names_path_and_fetch_command(tmp_path, monkeypatch):
+def test_load_checksum_mismatch_names_path_and_fetch_command(tmp_path,
+                                                             monkeypatch):
   files, _ = register_tiny_idx(monkeypatch)
   data = bytearray(files["train-images-idx3-ubyte"])
   data[-1] ^= 0xFF
@@ -134,7 +142,8 @@ def test_load_checksum_mismatch_names_path_and_fetch_command(tmp_path, monkeypat
   with pytest.raises(qd.DatasetCorruptError, match="sha256 mismatch") as info:
     qd.load("mnist", cache_dir=tmp_path)
   assert str(tmp_path / "mnist" / "train-images-idx3-ubyte") in str(info.value)
-  assert f"python -m qjax.data fetch mnist --cache-dir {tmp_path}" in str(info.value)
+  assert (f"python -m qjax.data fetch mnist --cache-dir {tmp_path}"
+          in str(info.value))
 
 
 def test_load_header_count_mismatch_is_corrupt(tmp_path, monkeypatch):
@@ -143,7 +152,8 @@ def test_load_header_count_mismatch_is_corrupt(tmp_path, monkeypatch):
   wrong = spec.files["train_x"]._replace(shape=(6, 4, 4))
   monkeypatch.setitem(spec.files, "train_x", wrong)
   write_files(tmp_path / "mnist", files)
-  with pytest.raises(qd.DatasetCorruptError, match=r"expected \(6, 4, 4\), got \(5, 4, 4\)"):
+  with pytest.raises(qd.DatasetCorruptError,
+                     match=r"expected \(6, 4, 4\), got \(5, 4, 4\)"):
     qd.load("mnist", cache_dir=tmp_path)
 
 
@@ -182,8 +192,8 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
 
 def pattern_chw(n: int) -> np.ndarray:
   """Images whose pixel (c, h, w) of image i encodes i, c, h and w."""
-  i, c, h, w = np.meshgrid(np.arange(n), np.arange(3), np.arange(32), np.arange(32),
-                           indexing="ij")
+  i, c, h, w = np.meshgrid(np.arange(n), np.arange(3), np.arange(32),
+                           np.arange(32), indexing="ij")
   return (i * 7 + c * 80 + h * 2 + w) % 256
 
 
@@ -200,7 +210,8 @@ def register_cifar(monkeypatch, name, label_bytes, sizes):
                                     md5=hashlib.md5(files[filename]).hexdigest())
   real = registry.DATASETS[name]
   url = UNREACHABLE + real.urls[0].rsplit("/", 1)[1]  # keep the archive's name
-  monkeypatch.setitem(registry.DATASETS, name, real._replace(files=specs, urls=(url,)))
+  monkeypatch.setitem(registry.DATASETS, name,
+                      real._replace(files=specs, urls=(url,)))
   return files, contents
 
 
@@ -210,9 +221,12 @@ def test_cifar10_binary_loads_hwc_in_file_order(tmp_path, monkeypatch):
       {"data_batch_1.bin": 3, "data_batch_2.bin": 2, "test_batch.bin": 2})
   write_files(tmp_path / "cifar10", files)
   ds = qd.load("cifar10", cache_dir=tmp_path)
-  assert ds.train_x.shape == (5, 32, 32, 3) and ds.test_x.shape == (2, 32, 32, 3)
-  expected = np.concatenate([contents["data_batch_1.bin"][0], contents["data_batch_2.bin"][0]])
-  np.testing.assert_allclose(ds.train_x * 255, expected.transpose(0, 2, 3, 1), atol=1e-4)
+  assert (ds.train_x.shape == (5, 32, 32, 3)
+          and ds.test_x.shape == (2, 32, 32, 3))
+  expected = np.concatenate([contents["data_batch_1.bin"][0],
+                             contents["data_batch_2.bin"][0]])
+  np.testing.assert_allclose(ds.train_x * 255, expected.transpose(0, 2, 3, 1),
+                             atol=1e-4)
   # Pixel (h=1, w=2) of channel 'green' of image 0: 0 + 80 + 2 + 2.
   assert round(float(ds.train_x[0, 1, 2, 1]) * 255) == 84
   np.testing.assert_array_equal(ds.test_y, contents["test_batch.bin"][1][:, 0])
@@ -257,13 +271,16 @@ def test_fetch_from_local_gz_dir_stores_canonical_raw(tmp_path, monkeypatch,
   assert qd.fetch("mnist", cache, source=source) == cache / "mnist"
   for filename, data in files.items():
     assert (cache / "mnist" / filename).read_bytes() == data
-  np.testing.assert_array_equal(qd.load("mnist", cache).train_y, arrays["train_y"])
+  np.testing.assert_array_equal(qd.load("mnist", cache).train_y,
+                                arrays["train_y"])
   assert not list((cache / "mnist").glob("*.tmp"))
 
 
-def test_fetch_rejects_bad_source_and_explains(tmp_path, monkeypatch, no_packaged_sources):
+def test_fetch_rejects_bad_source_and_explains(tmp_path, monkeypatch,
+                                               no_packaged_sources):
   files, _ = register_tiny_idx(monkeypatch)
-  files["train-images-idx3-ubyte"] = files["train-images-idx3-ubyte"][:-1] + b"\x07"
+  files["train-images-idx3-ubyte"] = (files["train-images-idx3-ubyte"][:-1]
+                                      + b"\x07")
   write_files(tmp_path / "download", files)
   with pytest.raises(qd.FetchError, match="train-images-idx3-ubyte") as info:
     qd.fetch("mnist", tmp_path / "cache", source=tmp_path / "download")
@@ -288,8 +305,10 @@ def test_fetch_cifar_from_archive(tmp_path, monkeypatch):
   assert qd.load("cifar10", tmp_path / "cache").train_x.shape == (2, 32, 32, 3)
 
 
-def test_fetch_cifar_offline_says_how_to_place_files(tmp_path, monkeypatch, capsys):
-  register_cifar(monkeypatch, "cifar10", 1, {"data_batch_1.bin": 1, "test_batch.bin": 1})
+def test_fetch_cifar_offline_says_how_to_place_files(tmp_path, monkeypatch,
+                                                     capsys):
+  register_cifar(monkeypatch, "cifar10", 1,
+                 {"data_batch_1.bin": 1, "test_batch.bin": 1})
   assert cli.main(["fetch", "cifar10", "--cache-dir", str(tmp_path)]) == 1
   err = capsys.readouterr().err
   assert "--source /path/to/cifar-10-binary.tar.gz" in err
@@ -332,7 +351,8 @@ def test_shuffle_batches_keys():
   keys = jax.random.split(jax.random.key(0), 3)
   per_seed = jax.vmap(lambda k: qd.shuffle_batches(k, 100, 10))(keys)
   assert per_seed.shape == (3, 10, 10)
-  np.testing.assert_array_equal(per_seed[1], qd.shuffle_batches(keys[1], 100, 10))
+  np.testing.assert_array_equal(per_seed[1],
+                                qd.shuffle_batches(keys[1], 100, 10))
   with pytest.raises(ValueError, match="batch_size"):
     qd.shuffle_batches(jax.random.key(0), 5, 6)
 
@@ -345,7 +365,8 @@ def augment_candidates(image: np.ndarray) -> np.ndarray:
 
 
 def test_augment_cifar_crops_flips_independently():
-  image = (pattern_chw(1)[0].transpose(1, 2, 0) + 1).astype(np.float32)  # no zeros
+  # + 1: no zeros.
+  image = (pattern_chw(1)[0].transpose(1, 2, 0) + 1).astype(np.float32)
   batch = jnp.broadcast_to(image, (64, 32, 32, 3))
   out = np.asarray(qd.augment_cifar(jax.random.key(0), batch))  # jitted itself
   assert out.shape == batch.shape and out.dtype == np.float32
@@ -359,7 +380,8 @@ def test_augment_cifar_crops_flips_independently():
 
 def test_augment_cifar_key_determinism():
   # Same shape as above, so the jitted function is reused, not recompiled.
-  batch = np.random.default_rng(0).uniform(size=(64, 32, 32, 3)).astype(np.float32)
+  batch = np.random.default_rng(0).uniform(
+      size=(64, 32, 32, 3)).astype(np.float32)
   a = qd.augment_cifar(jax.random.key(2), batch)
   np.testing.assert_array_equal(a, qd.augment_cifar(jax.random.key(2), batch))
   assert not np.array_equal(a, qd.augment_cifar(jax.random.key(3), batch))
@@ -390,8 +412,10 @@ def test_tfds_adapter_with_mock_data():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    pytest.skip(f"tensorflow-datasets not importable ({e}); pip install qjax[tfds]")
-  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    pytest.skip(f"tensorflow-datasets not importable ({e}); "
+                "pip install qjax[tfds]")
+  with tfds.testing.mock_data(num_examples=12,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
     ds = qd.load_tfds("mnist")
     batches = list(qd.tfds_batches("mnist", "train", batch_size=5, seed=0))
   assert ds.train_x.shape == (12, 28, 28, 1) and ds.train_x.dtype == np.float32

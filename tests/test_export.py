@@ -1,4 +1,5 @@
-"""qjax.export: .npz files that reload bit for bit and that numpy alone reads."""
+"""qjax.export: .npz files that reload bit for bit and that numpy alone
+reads."""
 
 import inspect
 import json

@@ -230,7 +230,7 @@ def test_round_nearest_is_the_nearest_stored_point(step, lo_steps, levels,
   try:
     grid = Grid.uniform(str(step), str(lo), str(hi))
     v = as64(values(grid, dtype))
-  except ValueError as e:
+  except ValueError:
     hypothesis.assume(False)  # not representable: tested in test_codes
   rng = np.random.default_rng(seed)
   span = v[-1] - v[0]

@@ -1,4 +1,5 @@
-"""End to end: every method learns a small real dataset (scikit-learn digits)."""
+"""End to end: every method learns a small real dataset (scikit-learn
+digits)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 
 import qjax
 from qjax import data, models
-from qjax.sweep import Strategy, SweepSpec, sweep
+from qjax.sweep import SweepSpec, sweep
 from qjax.train import TrainConfig
 
 

@@ -1,5 +1,5 @@
-"""Tests of qjax.models: published parameter counts, forward passes, BatchNorm modes,
-and the naming contract that quantization masks rely on."""
+"""Tests of qjax.models: published parameter counts, forward passes, BatchNorm
+modes, and the naming contract that quantization masks rely on."""
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,8 @@ INPUT_SHAPES = {'mlp': MNIST, 'cnn': MNIST, 'resnet18': IMAGENET}
 def _abstract_variables(model, shape):
   """Shapes of ``model``'s variables, without computing anything."""
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), x)
 
 
 def _conv(c_in, c_out, k=3, bias=False):
@@ -66,8 +67,8 @@ def _vgg_count(conv_widths, flat, hidden, num_classes=10):
   return total + _dense(flat, num_classes)
 
 
-# ResNet-56: 6n+2 with n = 9; 432+32 stem, 42,048 + 162,432 + 647,424 in the three
-# stages, 650 in the classifier.
+# ResNet-56: 6n+2 with n = 9; 432+32 stem, 42,048 + 162,432 + 647,424 in the
+# three stages, 650 in the classifier.
 RESNET56 = _cifar_resnet_count(9, (16, 32, 64))
 # WRN-56-2: stages twice as wide, stem unchanged (16): 464 + 162,432 + 647,424
 # + 2,585,088 + 1,290.
@@ -77,7 +78,8 @@ WRN56_2_COUNT = _cifar_resnet_count(9, (32, 64, 128))
 VGG9_COUNT = _vgg_count((64, 64, 128, 128, 256, 256, 256), 4 * 4 * 256, (256,))
 # VGG-BC (BinaryConnect): convs 128,128,256,256,512,512, three pools leave
 # 4x4x512 = 8192 features, two hidden Dense layers of 1024.
-VGGBC_COUNT = _vgg_count((128, 128, 256, 256, 512, 512), 4 * 4 * 512, (1024, 1024))
+VGGBC_COUNT = _vgg_count((128, 128, 256, 256, 512, 512), 4 * 4 * 512,
+                         (1024, 1024))
 
 
 def test_hand_derived_counts_are_as_documented():
@@ -109,7 +111,8 @@ def test_resnet56_matches_he_et_al_table_6():
 def test_resnet18_option_a_drops_the_projection_parameters():
   # Three 1x1 projections with BN: 64->128, 128->256, 256->512.
   projections = sum(_conv(c, 2 * c, k=1) + _bn(2 * c) for c in (64, 128, 256))
-  count = param_count(_abstract_variables(ResNet18(shortcut='A'), IMAGENET)['params'])
+  count = param_count(
+      _abstract_variables(ResNet18(shortcut='A'), IMAGENET)['params'])
   assert count == 11_689_512 - projections
 
 
@@ -117,7 +120,8 @@ def test_resnet18_logits_shape_at_imagenet_resolution():
   model = ResNet18(num_classes=1000)
   variables = _abstract_variables(model, IMAGENET)
   x = jax.ShapeDtypeStruct(IMAGENET, jnp.float32)
-  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                          variables, x)
   assert logits.shape == (2, 1000)
 
 
@@ -130,12 +134,15 @@ def test_resnet18_logits_shape_at_imagenet_resolution():
     ('wrn56_2', 55, 1),
     ('resnet18', 20, 1),  # 17 3x3/7x7 convs and 3 1x1 projections
 ])
-def test_kernels_are_named_kernel_and_ranked_by_layer_type(name, n_conv, n_dense):
+def test_kernels_are_named_kernel_and_ranked_by_layer_type(name, n_conv,
+                                                           n_dense):
   model = get(name, num_classes=10)
   params = _abstract_variables(model, INPUT_SHAPES.get(name, CIFAR))['params']
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  kernel_ranks = [leaf.ndim for path, leaf in leaves if path[-1].key == 'kernel']
-  assert all(leaf.ndim <= 2 for path, leaf in leaves if path[-1].key != 'kernel')
+  kernel_ranks = [leaf.ndim for path, leaf in leaves
+                  if path[-1].key == 'kernel']
+  assert all(leaf.ndim <= 2 for path, leaf in leaves
+             if path[-1].key != 'kernel')
   assert kernel_ranks.count(4) == n_conv
   assert kernel_ranks.count(2) == n_dense
   assert len(kernel_ranks) == n_conv + n_dense
@@ -146,7 +153,8 @@ def test_registry_builds_every_model_with_num_classes(name):
   model = get(name, num_classes=7)
   x = jax.ShapeDtypeStruct(INPUT_SHAPES.get(name, CIFAR), jnp.float32)
   variables = _abstract_variables(model, x.shape)
-  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                          variables, x)
   assert logits.shape == (2, 7)
 
 
@@ -184,8 +192,9 @@ def _numpy_variables(model, shape, seed=0):
   """Random variables of ``model``'s shapes drawn by NumPy.
 
   Compiling ResNet-56's ``init`` takes 10-30 s on XLA:CPU (its per-leaf random
-  draws); the forward tests only need some finite weights. Kernels are He-normal,
-  1-D parameters small normal, batch statistics at their initial mean 0, var 1.
+  draws); the forward tests only need some finite weights. Kernels are
+  He-normal, 1-D parameters small normal, batch statistics at their initial
+  mean 0, var 1.
   """
   rng = np.random.default_rng(seed)
 
@@ -193,15 +202,19 @@ def _numpy_variables(model, shape, seed=0):
     if path[0].key == 'batch_stats':
       return jnp.full(leaf.shape, path[-1].key == 'var', jnp.float32)
     fan_in = np.prod(leaf.shape[:-1]) if leaf.ndim > 1 else 200.0
-    return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2 / fan_in), jnp.float32)
+    return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2 / fan_in),
+                       jnp.float32)
 
-  return jax.tree_util.tree_map_with_path(fill, _abstract_variables(model, shape))
+  return jax.tree_util.tree_map_with_path(fill,
+                                          _abstract_variables(model, shape))
 
 
 def test_init_gives_the_abstract_shapes_and_finite_values():
   model = SmallCNN()
-  key = jax.random.key(0, impl='rbg')  # compiles several times faster than threefry
-  variables = jax.jit(lambda x: model.init(key, x, train=False))(jnp.zeros(MNIST))
+  # rbg compiles several times faster than threefry.
+  key = jax.random.key(0, impl='rbg')
+  variables = jax.jit(lambda x: model.init(key, x, train=False))(
+      jnp.zeros(MNIST))
   expected = _abstract_variables(model, MNIST)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, expected)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(variables))
@@ -213,11 +226,13 @@ def test_init_gives_the_abstract_shapes_and_finite_values():
     (ResNet56(), CIFAR),
 ], ids=['mlp', 'cnn', 'resnet56'])
 def model_setup(request):
-  """Variables of a model, its input and its apply; shared by the forward tests."""
+  """Variables of a model, its input and its apply; shared by the forward
+  tests."""
   model, shape = request.param
   x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
   # Eager: cheaper than compiling both modes for the few calls the tests make.
-  apply = lambda v, x, train: model.apply(v, x, train=train, mutable=['batch_stats'])
+  apply = lambda v, x, train: model.apply(v, x, train=train,
+                                          mutable=['batch_stats'])
   return _numpy_variables(model, shape), x, apply
 
 
@@ -242,7 +257,8 @@ def test_eval_mode_keeps_batch_stats_and_is_deterministic(model_setup):
   variables, x, apply = model_setup
   logits, updates = apply(variables, x, train=False)
   again, _ = apply(variables, x, train=False)
-  unchanged = jax.tree.map(np.array_equal, updates['batch_stats'], variables['batch_stats'])
+  unchanged = jax.tree.map(np.array_equal, updates['batch_stats'],
+                           variables['batch_stats'])
   assert all(jax.tree.leaves(unchanged))
   np.testing.assert_array_equal(logits, again)
 
@@ -283,16 +299,21 @@ def test_debiased_stats_reproduce_the_batch_after_a_few_steps(model_setup):
 
 def test_debiasing_changes_nothing_after_long_runs_or_before_any_step():
   rng = np.random.default_rng(0)
-  stats = {'BatchNorm_0': {'mean': jnp.asarray(rng.normal(size=64), jnp.float32),
-                           'var': jnp.asarray(rng.uniform(1e-3, 2.0, 64), jnp.float32)},
-           'Block_0': {'BatchNorm_0': {'mean': jnp.zeros(8), 'var': jnp.ones(8)}}}
+  stats = {'BatchNorm_0': {
+               'mean': jnp.asarray(rng.normal(size=64), jnp.float32),
+               'var': jnp.asarray(rng.uniform(1e-3, 2.0, 64), jnp.float32)},
+           'Block_0': {'BatchNorm_0': {'mean': jnp.zeros(8),
+                                       'var': jnp.ones(8)}}}
   for steps in (0, 300, 10_000):
-    same = qjax.models.debiased_batch_stats(stats, jnp.asarray(steps, jnp.int32))
+    same = qjax.models.debiased_batch_stats(stats,
+                                            jnp.asarray(steps, jnp.int32))
     assert jax.tree.all(jax.tree.map(np.array_equal, same, stats))
   moved = qjax.models.debiased_batch_stats(stats, 12)
   # Initial statistics (mean 0, var 1) debiased after 12 steps: 0 and 1 again.
-  np.testing.assert_allclose(moved['Block_0']['BatchNorm_0']['var'], 1.0, rtol=1e-6)
-  assert not np.allclose(moved['BatchNorm_0']['var'], stats['BatchNorm_0']['var'])
+  np.testing.assert_allclose(moved['Block_0']['BatchNorm_0']['var'], 1.0,
+                             rtol=1e-6)
+  assert not np.allclose(moved['BatchNorm_0']['var'],
+                         stats['BatchNorm_0']['var'])
 
 
 def test_every_model_declares_its_batchnorm_momentum():
@@ -303,7 +324,9 @@ def test_every_model_declares_its_batchnorm_momentum():
 
 def test_debiasing_accepts_frozen_dicts():
   from flax.core import FrozenDict
-  stats = FrozenDict({'BatchNorm_0': {'mean': jnp.full(4, 0.5), 'var': jnp.ones(4)}})
+  stats = FrozenDict({'BatchNorm_0': {'mean': jnp.full(4, 0.5),
+                                      'var': jnp.ones(4)}})
   out = qjax.models.debiased_batch_stats(stats, 5)
-  np.testing.assert_allclose(out['BatchNorm_0']['mean'], 0.5 / (1 - 0.9**5), rtol=1e-6)
+  np.testing.assert_allclose(out['BatchNorm_0']['mean'], 0.5 / (1 - 0.9**5),
+                             rtol=1e-6)
   np.testing.assert_allclose(out['BatchNorm_0']['var'], 1.0, rtol=1e-6)

@@ -1,4 +1,5 @@
-"""Every notebook runs top to bottom at smoke scale and is stored without outputs.
+"""Every notebook runs top to bottom at smoke scale and is stored without
+outputs.
 
 Each notebook is executed with nbclient in a fresh ``python3`` kernel, from the
 repo root, with ``QJAX_SCALE=smoke`` and ``QJAX_NOTEBOOK_OUT`` a temporary

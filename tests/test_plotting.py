@@ -16,7 +16,7 @@ from qjax import plotting  # noqa: E402
 from qjax import results  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KNOWN = ("fp", "bc", "sr", "r", "bop", "bc_stochastic", "big-sr")
+KNOWN = ("fp", "bc", "sr", "r", "bop", "sbc", "big-sr")
 UNKNOWN = ("my-new-method", "SR, batch 16", "xnor")
 
 
@@ -130,7 +130,7 @@ def test_plot_curves_colours_lines_by_method(tmp_path, monkeypatch):
     ("bc", ["bc", "BC-ADAM", "bc-sgd", "BC (Q_s view)", "BC (Q_d view)"]),
     ("r", ["r", "R-ADAM", "R"]),
     ("big-sr", ["big-sr", "Big SR-ADAM", "big_sr", "BIG SR"]),
-    ("bc_stochastic", ["bc_stochastic", "SBC-ADAM", "BC-S", "bc-s-adam"]),
+    ("sbc", ["sbc", "bc_stochastic", "SBC-ADAM", "BC-S", "bc-s-adam"]),
     ("bop", ["bop", "BOP"]),
 ])
 def test_method_color_ignores_case_and_optimizer(method, spellings):

@@ -183,7 +183,7 @@ def test_quantize_respects_mask_and_passes_gradients():
   view = qjax.quantize(params, qjax.sign, qjax.all_kernels)
   assert bool(jnp.all(view["params"]["Dense_0"]["kernel"] == -1.0))
   assert bool(jnp.all(view["params"]["Dense_0"]["bias"] == 1.0))
-  grads = jax.grad(lambda p: sum(jnp.sum(l) for l in jax.tree.leaves(
+  grads = jax.grad(lambda p: sum(jnp.sum(leaf) for leaf in jax.tree.leaves(
       qjax.quantize(p, qjax.sign, qjax.all_kernels))))(params)
   assert all(bool(jnp.all(g == 1.0)) for g in jax.tree.leaves(grads))
 
@@ -270,7 +270,8 @@ def test_random_bits_equal_jax_random_bits(shape, key):
 
 
 def test_round_stochastic_draws_its_bits_from_the_key(key):
-  """Q_s compares p with random_bits(key, shape): P(up) = ceil(p 2**32)/2**32."""
+  """Q_s compares p with random_bits(key, shape):
+  P(up) = ceil(p 2**32)/2**32."""
   grid = Grid.uniform(0.25, lo=-1.0, hi=1.0)
   x = jnp.full((4096,), 0.0625, jnp.float32)  # p = 1/4 exactly
   up = np.asarray(qjax.round_stochastic(key, x, grid)) == 0.25

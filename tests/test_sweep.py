@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import qjax
@@ -121,13 +120,13 @@ from qjax.train import TrainConfig
 ds = data.load("digits")
 ds = ds._replace(train_x=ds.train_x[:256], train_y=ds.train_y[:256])
 out = {"devices": jax.device_count()}
-unpadded = qjax.sweep._config_sharding
+unpadded = qjax.sweep.config_sharding
 for steps, configs, seeds, pad in [
     ("loop", "map", 6, False), ("scan", "vmap", 8, False),
     ("loop", "loop", 8, False), ("scan", "vmap", 1, False),
     ("loop", "loop", 5, True), ("scan", "vmap", 5, True)]:
   # pad=True is the accelerator policy: 5 configs padded to 8 on 4 devices.
-  qjax.sweep._config_sharding = functools.partial(unpadded, pad=pad)
+  qjax.sweep.config_sharding = functools.partial(unpadded, pad=pad)
   run = sweep(models.get("mlp", 10, features=(16,)), ds,
               TrainConfig(method="sr", batch_size=64, epochs=1),
               SweepSpec(seeds=tuple(range(seeds)), lrs=(0.01,)),
@@ -142,7 +141,8 @@ print(json.dumps(out))
 
 
 def _run_with_devices(n: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+  env = dict(os.environ,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
@@ -241,7 +241,8 @@ def _array_stream(ds):
   def train_batches(epoch, batch_size):
     order = np.random.default_rng(epoch).permutation(len(ds.train_y))
     for s in range(0, len(order) - batch_size + 1, batch_size):
-      yield ds.train_x[order[s:s + batch_size]], ds.train_y[order[s:s + batch_size]]
+      yield (ds.train_x[order[s:s + batch_size]],
+             ds.train_y[order[s:s + batch_size]])
 
   def test_batches(batch_size):
     for s in range(0, len(ds.test_y), batch_size):

@@ -13,10 +13,12 @@ def main(argv: list[str] | None = None) -> int:
   """Parses the command line and fetches; returns the exit status."""
   parser = argparse.ArgumentParser(prog="python -m qjax.data")
   commands = parser.add_subparsers(dest="command", required=True)
-  fetch = commands.add_parser("fetch", help="fill the cache with verified files")
+  fetch = commands.add_parser("fetch",
+                              help="fill the cache with verified files")
   fetch.add_argument("name", choices=registry.KNOWN_NAMES)
   fetch.add_argument("--cache-dir", default=None,
-                     help="cache root (default: $QJAX_DATA or ~/.cache/qjax/datasets)")
+                     help="cache root (default: $QJAX_DATA or "
+                     "~/.cache/qjax/datasets)")
   fetch.add_argument("--source", default=None,
                      help="local directory of files or CIFAR .tar.gz to import")
   args = parser.parse_args(argv)

@@ -12,7 +12,8 @@ CIFAR_PAD = 4
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "batch_size"))
-def shuffle_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+def shuffle_batches(key: jax.Array, num_examples: int,
+                    batch_size: int) -> jax.Array:
   """One epoch of shuffled minibatch indices, dropping the remainder.
 
   Each seed of a sweep gets its own order by passing its own key (vmap over
@@ -33,16 +34,19 @@ def shuffle_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.A
   """
   if not 1 <= batch_size <= num_examples:
     raise ValueError(
-        f"batch_size must be in [1, num_examples={num_examples}]; got {batch_size}")
+        f"batch_size must be in [1, num_examples={num_examples}]; "
+        f"got {batch_size}")
   num_batches = num_examples // batch_size
   order = jax.random.permutation(key, num_examples)
-  return order[: num_batches * batch_size].reshape(num_batches, batch_size).astype(jnp.int32)
+  return order[: num_batches * batch_size].reshape(
+      num_batches, batch_size).astype(jnp.int32)
 
 
 def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
   height, width, _ = image.shape
   crop_key, flip_key = jax.random.split(key)
-  padded = jnp.pad(image, ((CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)))
+  padded = jnp.pad(image, ((CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD),
+                           (0, 0)))
   dy, dx = jax.random.randint(crop_key, (2,), 0, 2 * CIFAR_PAD + 1)
   crop = jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
   return jnp.where(jax.random.bernoulli(flip_key), crop[:, ::-1], crop)
@@ -82,7 +86,8 @@ def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
   return (images - mean) / std
 
 
-def channel_stats(train_x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+def channel_stats(train_x: np.ndarray,
+                  chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and standard deviation of a training set.
 
   Accumulated in float64 over chunks of examples, so a 600 MB CIFAR array

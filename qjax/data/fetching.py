@@ -84,7 +84,8 @@ def _idx_dir(directory: pathlib.Path) -> Source:
   """Reads `<filename>` or `<filename>.gz` from a local directory."""
   def get(wanted):
     if not directory.is_dir():
-      raise FileNotFoundError(f"{directory} is neither a directory nor an archive file")
+      raise FileNotFoundError(
+          f"{directory} is neither a directory nor an archive file")
     out = {}
     for role, spec in wanted.items():
       for candidate in (spec.filename, spec.filename + ".gz"):
@@ -92,7 +93,8 @@ def _idx_dir(directory: pathlib.Path) -> Source:
           out[role] = formats.maybe_gunzip((directory / candidate).read_bytes())
           break
     if not out:
-      raise FileNotFoundError(f"none of the expected files (raw or .gz) is in {directory}")
+      raise FileNotFoundError(
+          f"none of the expected files (raw or .gz) is in {directory}")
     return out
   return get
 
@@ -113,7 +115,8 @@ def _debian_fashion(wanted):
     _run(["apt-get", "download", DEBIAN_FASHION_PACKAGE], cwd=tmp)
     (deb,) = pathlib.Path(tmp).glob("*.deb")
     _run(["dpkg-deb", "-x", str(deb), "root"], cwd=tmp)
-    return _idx_dir(pathlib.Path(tmp, "root", *DEBIAN_FASHION_DIR.parts[1:]))(wanted)
+    return _idx_dir(pathlib.Path(tmp, "root",
+                                 *DEBIAN_FASHION_DIR.parts[1:]))(wanted)
 
 
 def _cifar_from_tar(tar: tarfile.TarFile, spec: registry.DatasetSpec, wanted):
@@ -141,12 +144,14 @@ def _cifar_local(spec: registry.DatasetSpec, path: pathlib.Path) -> Source:
   return _idx_dir(inner if inner.is_dir() else path)  # plain file copy
 
 
-def _sources(name: str, source: pathlib.Path | None) -> list[tuple[str, Source]]:
+def _sources(name: str,
+             source: pathlib.Path | None) -> list[tuple[str, Source]]:
   """The (description, source) pairs to try for dataset `name`, in order."""
   spec = registry.DATASETS[name]
   out = []
   if source is not None:
-    local = _cifar_local(spec, source) if spec.format == "cifar" else _idx_dir(source)
+    local = (_cifar_local(spec, source) if spec.format == "cifar"
+             else _idx_dir(source))
     out.append((f"local {source}", local))
   if spec.format == "cifar":
     return out + [(url, _cifar_url(spec, url)) for url in spec.urls]
@@ -160,7 +165,8 @@ def _sources(name: str, source: pathlib.Path | None) -> list[tuple[str, Source]]
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                             suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -185,7 +191,8 @@ def _wanted(name: str, cache_dir) -> dict[str, registry.FileSpec]:
 
 
 def _store(name: str, cache_dir, wanted, files: dict[str, bytes]) -> list[str]:
-  """Verifies and writes the files a source returned; returns the stored roles."""
+  """Verifies and writes the files a source returned; returns the stored
+  roles."""
   stored = []
   fmt = registry.DATASETS[name].format
   for role, data in files.items():
@@ -210,7 +217,8 @@ def _manual_instructions(name: str, cache_dir) -> str:
         f"internet access, copy it here, then run:\n"
         f"  {fetch_command(name, cache_dir)} --source /path/to/{archive}\n"
         f"or place the files by hand:\n"
-        f"  mkdir -p {target} && tar xzf {archive} -C {target} --strip-components=1")
+        f"  mkdir -p {target} && tar xzf {archive} -C {target} "
+        "--strip-components=1")
   names = " ".join(f.filename + "[.gz]" for f in spec.files.values())
   return (f"Put {names} in a directory and run:\n"
           f"  {fetch_command(name, cache_dir)} --source DIR")
@@ -242,10 +250,12 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *,
     _log(f"{name} ships with scikit-learn; nothing to fetch")
     return loaders.dataset_dir(name, cache_dir)
   if name not in registry.DATASETS:
-    raise ValueError(f"unknown dataset {name!r}; fetchable: {', '.join(registry.DATASETS)}")
+    raise ValueError(f"unknown dataset {name!r}; fetchable: "
+                     f"{', '.join(registry.DATASETS)}")
   wanted = _wanted(name, cache_dir)
   errors = []
-  for description, get in _sources(name, None if source is None else pathlib.Path(source)):
+  for description, get in _sources(
+      name, None if source is None else pathlib.Path(source)):
     if not wanted:
       break
     start = time.perf_counter()
@@ -254,13 +264,16 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *,
     except (OSError, ValueError, KeyError, EOFError, zlib.error,
             tarfile.TarError) as e:  # EOFError, zlib.error: a junk .gz
       errors.append(f"{description}: {type(e).__name__}: {e}")
-      _log(f"{description}: failed after {time.perf_counter() - start:.1f}s ({e})")
+      _log(f"{description}: failed after "
+           f"{time.perf_counter() - start:.1f}s ({e})")
       continue
-    _log(f"{description}: stored {len(stored)} file(s) in {time.perf_counter() - start:.1f}s")
+    _log(f"{description}: stored {len(stored)} file(s) in "
+         f"{time.perf_counter() - start:.1f}s")
     wanted = {r: s for r, s in wanted.items() if r not in stored}
   if wanted:
     raise FetchError(
-        f"could not fetch {name} files {[s.filename for s in wanted.values()]}; "
+        f"could not fetch {name} files "
+        f"{[s.filename for s in wanted.values()]}; "
         f"tried:\n  " + "\n  ".join(errors or ["(no source returned them)"]) +
         "\n" + _manual_instructions(name, cache_dir))
   _log(f"{name}: all files verified in {loaders.dataset_dir(name, cache_dir)}")

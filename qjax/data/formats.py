@@ -28,7 +28,8 @@ CIFAR_IMAGE_BYTES = 32 * 32 * 3
 
 
 def maybe_gunzip(data: bytes) -> bytes:
-  """Returns `data` decompressed if it starts with the gzip magic, else as is."""
+  """Returns `data` decompressed if it starts with the gzip magic, else as
+  is."""
   return gzip.decompress(data) if data[:2] == _GZIP_MAGIC else data
 
 

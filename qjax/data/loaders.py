@@ -1,4 +1,5 @@
-"""Loaders: read verified files from the cache into numpy arrays. Never download."""
+"""Loaders: read verified files from the cache into numpy arrays. Never
+download."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def check_content(data: bytes, spec: registry.FileSpec, fmt: str) -> np.ndarray:
   else:
     array = formats.cifar_records(data, label_bytes=spec.shape[-1] - 3072)
   if array.shape != tuple(spec.shape):
-    raise ValueError(f"shape mismatch: expected {tuple(spec.shape)}, got {array.shape}")
+    raise ValueError(f"shape mismatch: expected {tuple(spec.shape)}, "
+                     f"got {array.shape}")
   return array
 
 
@@ -143,7 +145,8 @@ def _load_cifar_split(name: str, split: str, cache_dir,
     x, y = formats.split_cifar_records(records)
     images.append(x)
     labels.append(y[:, label_column])
-  return _images(np.concatenate(images)), np.concatenate(labels).astype(np.int32)
+  return (_images(np.concatenate(images)),
+          np.concatenate(labels).astype(np.int32))
 
 
 def _load_cifar(name: str, cache_dir, label_mode: str) -> Dataset:
@@ -172,7 +175,8 @@ def load_digits(test_fraction: float = DIGITS_TEST_FRACTION,
     from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        "load('digits') needs scikit-learn: pip install qjax[experiments]") from e
+        "load('digits') needs scikit-learn: "
+        "pip install qjax[experiments]") from e
   bunch = sk_datasets.load_digits()
   images = (bunch.images / 16.0).astype(np.float32)[..., None]
   labels = bunch.target.astype(np.int32)
@@ -211,7 +215,8 @@ def load(name: str, cache_dir: str | os.PathLike | None = None, *,
   """
   if name not in registry.KNOWN_NAMES:
     raise ValueError(
-        f"unknown dataset {name!r}; known names: {', '.join(registry.KNOWN_NAMES)}"
+        f"unknown dataset {name!r}; known names: "
+        f"{', '.join(registry.KNOWN_NAMES)}"
         ". For other datasets use load_tfds(name).")
   if label_mode not in ("fine", "coarse") or (
       label_mode == "coarse" and name != "cifar100"):

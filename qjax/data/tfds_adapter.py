@@ -75,7 +75,8 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None,
   builder = tfds.builder(name, data_dir=data_dir)
   train = tfds.data_source(name, split=train_split, data_dir=data_dir)
   test = tfds.data_source(name, split=test_split, data_dir=data_dir)
-  return Dataset(name, *_read_all(train, preprocess), *_read_all(test, preprocess),
+  return Dataset(name, *_read_all(train, preprocess),
+                 *_read_all(test, preprocess),
                  int(builder.info.features["label"].num_classes))
 
 

@@ -8,8 +8,10 @@ pass ``mutable=['batch_stats']`` when ``train=True``.
 
 Example:
   >>> model = qjax.models.get('resnet56', num_classes=10)
-  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  >>> logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+  ...                        train=False)
+  >>> logits, updates = model.apply(variables, x, train=True,
+  ...                               mutable=['batch_stats'])
 """
 
 import math
@@ -63,9 +65,11 @@ def get(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds the model registered as ``name`` with ``num_classes`` outputs.
 
   Args:
-    name: one of 'mlp', 'cnn', 'vgg9', 'vgg_bc', 'resnet56', 'wrn56_2', 'resnet18'.
+    name: one of 'mlp', 'cnn', 'vgg9', 'vgg_bc', 'resnet56', 'wrn56_2',
+      'resnet18'.
     num_classes: number of output logits.
-    **kwargs: further attributes of the model class (e.g. ``features`` for 'mlp').
+    **kwargs: further attributes of the model class (e.g. ``features`` for
+      'mlp').
 
   Returns:
     An unbound ``flax.linen`` module.
@@ -80,7 +84,8 @@ def get(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 def param_count(params) -> int:
-  """Number of scalars in a parameter tree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+  """Number of scalars in a parameter tree (arrays or
+  ``jax.ShapeDtypeStruct`` leaves).
 
   Pass ``variables['params']``: BatchNorm's scale and bias count, its running
   statistics (``batch_stats``) are not parameters.

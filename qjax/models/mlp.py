@@ -1,7 +1,8 @@
-"""Multilayer perceptron for MNIST-like data, and layer defaults shared by all models.
+"""Multilayer perceptron for MNIST-like data, and layer defaults shared by all
+models.
 
-The shared defaults live here because this is the module every other model module
-can import without cycles:
+The shared defaults live here because this is the module every other model
+module can import without cycles:
 
 - BatchNorm uses momentum 0.9 and epsilon 1e-5 (PyTorch's defaults, under which
   the published models were trained), keeps its running statistics in the
@@ -9,9 +10,9 @@ can import without cycles:
   Every model here declares ``bn_momentum``, which lets
   :func:`qjax.train.evaluate` remove the running statistics' initial values
   (:func:`debiased_batch_stats`).
-- Padding of 3x3 convolutions is explicit ``((1, 1), (1, 1))``: Flax's ``'SAME'``
-  pads a stride-2 3x3 convolution by (0, 1), PyTorch by (1, 1), and the models
-  follow the PyTorch reference implementations.
+- Padding of 3x3 convolutions is explicit ``((1, 1), (1, 1))``: Flax's
+  ``'SAME'`` pads a stride-2 3x3 convolution by (0, 1), PyTorch by (1, 1), and
+  the models follow the PyTorch reference implementations.
 - Convolution kernels are He-normal (fan in), suited to ReLU networks.
 
 Quantization masks find weights by name and rank: every convolution stores a 4-D
@@ -100,11 +101,12 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class MLP(nn.Module):
-  """Fully connected classifier: flatten, then (Dense, BatchNorm, ReLU) per hidden layer.
+  """Fully connected classifier: flatten, then (Dense, BatchNorm, ReLU) per
+  hidden layer.
 
-  The default is BinaryConnect's permutation-invariant MNIST network (Courbariaux
-  et al. 2015): three hidden layers of 1024 units with BatchNorm. The output layer
-  is a plain Dense layer returning logits.
+  The default is BinaryConnect's permutation-invariant MNIST network
+  (Courbariaux et al. 2015): three hidden layers of 1024 units with BatchNorm.
+  The output layer is a plain Dense layer returning logits.
 
   Attributes:
     num_classes: number of output logits.
@@ -113,7 +115,8 @@ class MLP(nn.Module):
 
   Example:
     >>> model = MLP(num_classes=10, features=(256, 256))
-    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+    ...                        train=False)
   """
 
   num_classes: int = 10

@@ -28,14 +28,16 @@ SHORTCUTS = ('A', 'B')
 
 
 def _shortcut_a(x: jax.Array, features: int, stride: int) -> jax.Array:
-  """Parameter-free shortcut: subsample by ``stride``, zero-pad channels to ``features``."""
+  """Parameter-free shortcut: subsample by ``stride``, zero-pad channels to
+  ``features``."""
   x = x[:, ::stride, ::stride, :]
   extra = features - x.shape[-1]
   return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
 
 
 class BasicBlock(nn.Module):
-  """``conv3x3, BN, ReLU, conv3x3, BN`` plus shortcut, then ReLU (He et al. 2016).
+  """``conv3x3, BN, ReLU, conv3x3, BN`` plus shortcut, then ReLU (He et al.
+  2016).
 
   Attributes:
     features: output channels.
@@ -92,10 +94,12 @@ class CifarResNet(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     if (self.depth - 2) % 6 or self.depth < 8:
       raise ValueError(
-          f'depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), got {self.depth}.')
+          f'depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), '
+          f'got {self.depth}.')
     _check_shortcut(self.shortcut)
     blocks_per_stage = (self.depth - 2) // 6
-    x = nn.Conv(16, (3, 3), padding=PAD_1, use_bias=False, kernel_init=conv_init)(x)
+    x = nn.Conv(16, (3, 3), padding=PAD_1, use_bias=False,
+                kernel_init=conv_init)(x)
     x = nn.relu(batch_norm(train)(x))
     for stage, base in enumerate((16, 32, 64)):
       for block in range(blocks_per_stage):
@@ -108,11 +112,13 @@ class CifarResNet(nn.Module):
 
 
 class ResNet56(CifarResNet):
-  """ResNet-56 (He et al. 2016), option A shortcuts; 853,018 parameters for 10 classes."""
+  """ResNet-56 (He et al. 2016), option A shortcuts; 853,018 parameters for 10
+  classes."""
 
 
 class WRN56_2(CifarResNet):  # pylint: disable=invalid-name
-  """WRN-56-2: ResNet-56 with stages of 32, 64, 128 channels; 3,396,698 parameters for 10 classes."""
+  """WRN-56-2: ResNet-56 with stages of 32, 64, 128 channels; 3,396,698
+  parameters for 10 classes."""
 
   width: int = 2
 
@@ -122,7 +128,8 @@ class ResNet18(nn.Module):
 
   Attributes:
     num_classes: number of output logits.
-    shortcut: 'B' as in torchvision (projection where the shape changes), or 'A'.
+    shortcut: 'B' as in torchvision (projection where the shape changes), or
+      'A'.
   """
 
   num_classes: int = 1000

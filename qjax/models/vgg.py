@@ -5,10 +5,11 @@ Both are stacks of ``3x3 conv, BN, ReLU`` with 2x2 max pooling, followed by
 layers carry biases, as in the reference implementations below (PyTorch
 ``nn.Conv2d`` and Lasagne layers both default to a bias).
 
-VGG-9 follows ``cifar10/models/vgg.py`` of github.com/tomgoldstein/loss-landscape
-(Li, Xu, Taylor, Studer, Goldstein 2018, the same group as the quantized-nets
-paper): 7 conv layers ``64, 64, M, 128, 128, M, 256, 256, 256, M``, one hidden
-Dense layer of 256 units, and the classifier: 9 weight layers.
+VGG-9 follows ``cifar10/models/vgg.py`` of
+github.com/tomgoldstein/loss-landscape (Li, Xu, Taylor, Studer, Goldstein 2018,
+the same group as the quantized-nets paper): 7 conv layers
+``64, 64, M, 128, 128, M, 256, 256, 256, M``, one hidden Dense layer of 256
+units, and the classifier: 9 weight layers.
 
 VGG-BC is BinaryConnect's CIFAR-10 network (Courbariaux, Bengio, David 2015):
 ``2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-2x1024FC-10``. BinaryConnect also
@@ -29,7 +30,8 @@ POOL = 'M'
 
 
 class VGG(nn.Module):
-  """Generic VGG: ``conv_spec`` lists conv widths, with ``'M'`` for a 2x2 max pool.
+  """Generic VGG: ``conv_spec`` lists conv widths, with ``'M'`` for a 2x2 max
+  pool.
 
   Attributes:
     num_classes: number of output logits.
@@ -57,14 +59,17 @@ class VGG(nn.Module):
 
 
 class VGG9(VGG):
-  """VGG-9 of Li et al. (loss-landscape repository); 2,789,706 parameters for 10 classes."""
+  """VGG-9 of Li et al. (loss-landscape repository); 2,789,706 parameters for
+  10 classes."""
 
-  conv_spec: Sequence[int | str] = (64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL)
+  conv_spec: Sequence[int | str] = (64, 64, POOL, 128, 128, POOL, 256, 256,
+                                    256, POOL)
   hidden: Sequence[int] = (256,)
 
 
 class VGGBC(VGG):
   """BinaryConnect's CIFAR-10 VGG; 14,033,546 parameters for 10 classes."""
 
-  conv_spec: Sequence[int | str] = (128, 128, POOL, 256, 256, POOL, 512, 512, POOL)
+  conv_spec: Sequence[int | str] = (128, 128, POOL, 256, 256, POOL, 512, 512,
+                                    POOL)
   hidden: Sequence[int] = (1024, 1024)

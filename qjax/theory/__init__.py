@@ -1,4 +1,5 @@
-"""Theory of Li et al. 2017 as code: convex problems and bounds, SR Markov chains.
+"""Theory of Li et al. 2017 as code: convex problems and bounds, SR Markov
+chains.
 
 See docs/theory.md for the statements, their assumptions and the flagged
 constants; experiments/convex_floors.py and experiments/markov_chain.py

@@ -22,7 +22,7 @@ so the gradient noise is set by the batch size.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +224,8 @@ def example_gradients(problem: Problem, w: Array) -> Array:
 
 def minibatch_gradient(problem: Problem, key: Array, w: Array,
                        batch_size: int) -> Array:
-  """Unbiased ``g = (1/B) Σ_{i∈batch} ∇f_i(w)``, batch drawn with replacement."""
+  """Unbiased ``g = (1/B) Σ_{i∈batch} ∇f_i(w)``, batch drawn with
+  replacement."""
   X, y = _arrays(problem, w.dtype)
   idx = jax.random.randint(key, (batch_size,), 0, X.shape[0])
   Xb, yb = X[idx], y[idx]
@@ -480,8 +481,9 @@ def make_run(problem: Problem, config: RunConfig) -> Callable:
   ``w_0 = 0`` (a grid point) and uses qjax's own update rules:
 
   * ``sr`` / ``r``: :func:`qjax.methods.make` (``stochastic_rounding`` /
-    ``nearest_rounding``) on the unbounded grid ΔZ, ``Grid.uniform(1).scaled(Δ)`` (points
-    ``fl32(k Δ)``, Δ traced so that a sweep over Δ compiles once).
+    ``nearest_rounding``) on the unbounded grid ΔZ,
+    ``Grid.uniform(1).scaled(Δ)`` (points ``fl32(k Δ)``, Δ traced so that a
+    sweep over Δ compiles once).
   * ``bc``: float latent ``w_r`` updated by plain ``sgd``/``adam``
     (:func:`qjax.methods.base_optimizer`) with the gradient taken at the view
     :func:`qjax.quantize` ``(w_r, round_stochastic | round_nearest)`` on ΔZ.

@@ -182,7 +182,8 @@ def transition_matrix(chain: Chain, alpha: float) -> np.ndarray:
 
 
 def stationary_distribution(P: np.ndarray) -> np.ndarray:
-  """``π`` with ``π P = π``, ``Σ π = 1`` (least squares on the stacked system)."""
+  """``π`` with ``π P = π``, ``Σ π = 1`` (least squares on the stacked
+  system)."""
   P = np.asarray(P, np.float64)
   if P.ndim != 2 or P.shape[0] != P.shape[1]:
     raise ValueError(f"P must be a square matrix; got shape {P.shape}.")
