@@ -47,9 +47,13 @@ METHODS = ("sr", "bc")
 
 
 def config(scale: str = "cpu") -> dict:
-  """The batch-size config at ``scale`` ("smoke", "cpu" or "paper")."""
+  """The batch-size config at ``scale`` ("smoke", "cpu" or "paper").
+
+  Each experiment's ``grid``: the quantized layers' grid, qjax.grids spec.
+  """
   common.check_scale(scale)
-  base = {"optimizer": "adam", "lr_decay_epochs": [], "methods": list(METHODS)}
+  base = {"optimizer": "adam", "grid": "glorot", "lr_decay_epochs": [],
+          "methods": list(METHODS)}
   if scale == "smoke":
     exp = {**base, "name": "digits/mlp", "dataset": "digits", "model": "mlp",
            "model_kwargs": {"features": [32]}, "mask": "all", "lr": 0.001,
@@ -117,7 +121,8 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   for exp in cfg["experiments"]:
     t1 = time.time()
     records = [common.train_method(exp, m, batch_size=b,
-                                   label=methods_lib.label(m), progress=progress)
+                                   label=methods_lib.label(m),
+                                   progress=progress)
                for m in exp["methods"] for b in exp["batch_sizes"]]
     rows = [{"method": r["label"], "batch_size": r["batch_size"],
              "steps": r["steps"], "test_error": common.error_summary(
@@ -148,13 +153,13 @@ def table(results: dict) -> str:
               f"(fixed epochs), mean over {len(e['config']['seeds'])} "
               "seed(s).", "",
               "| method | batch | steps | test error (%) | " + " | ".join(
-                  f"% changed {l}" for l in layers) + " |",
+                  f"% changed {layer}" for layer in layers) + " |",
               "|---" * (len(layers) + 4) + "|"]
     for row in e["rows"]:
       lines.append(
           f"| {row['method']} | {row['batch_size']} | {row['steps']} | "
           f"{common.fmt(row['test_error'])} | " + " | ".join(
-              f"{row['flips'][l]:.2f}" for l in layers) + " |")
+              f"{row['flips'][layer]:.2f}" for layer in layers) + " |")
     lines += ["", f"- {e['name']}: paper's finding (SR gains from larger "
               f"batches, more than BC) {e['statement']['text']}", ""]
   return "\n".join(lines).rstrip()

@@ -113,6 +113,9 @@ def imagenet_preprocess(example: dict) -> tuple[np.ndarray, int]:
 def select(cfg: dict, names) -> dict:
   """``cfg`` keeping only the experiments whose name is in ``names``."""
   names = list(names)
+  if "experiments" not in cfg:
+    raise ValueError(f"{cfg.get('name', 'this experiment')} has no separate "
+                     "experiments to choose from; drop --only.")
   known = [e["name"] for e in cfg["experiments"]]
   unknown = [n for n in names if n not in known]
   if unknown:

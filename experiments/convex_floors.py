@@ -11,10 +11,25 @@ Expected result: SR floor-vs-Δ log-log slope near 1 and floor-vs-α slope near
 0; BC (stochastic view) excess-vs-α slope near 1; every R window with
 ``α ‖g‖_∞ < Δ/2`` has no move; measured floors under the bounds.
 
-Runtime: full ~5-10 min on 2 shared CPU cores; ``--smoke`` ~30 s.
+Scales (``config(scale)``):
 
-Command: ``python -m experiments.convex_floors [--out results/convex_floors]
-[--smoke]``.
+* ``cpu``: Δ in {0.01, 0.02, 0.05, 0.1, 0.2}, SGD α in {0.01, 0.02, 0.05,
+  0.1}, Adam α in {0.001, 0.003, 0.01, 0.03}, seeds 0 and 1, 10000 steps,
+  every variant, logistic regression too; ~2.5 min on 2 shared CPU cores.
+* ``paper``: the ``cpu`` settings (this numerical experiment is the paper's
+  scale already; ``scale`` is recorded as ``"paper"``).
+* ``smoke``: 2 Δ x 2 α, 1 seed, 1000 steps, SR, R and BC (Q_s) on least
+  squares only (seconds).
+
+Config keys (override with ``--set KEY=VALUE``): ``deltas``, ``lrs`` (SGD),
+``adam_lrs``, ``seeds``, ``num_steps``, ``record_every``, ``big_batch``,
+``variants`` (labels of ``VARIANTS``; SR, R and BC (Q_s view) are needed),
+``logistic`` (also run logistic regression), ``theorem_steps``,
+``theorem_t0``.
+
+Command: ``python -m experiments.convex_floors --scale cpu --out
+results/convex_floors`` (``--scale smoke`` in seconds). Outputs:
+results.json and the convex_*.png figures in ``--out``.
 
 Runs are :func:`qjax.theory.convex.sweep` (one jitted vmap over Δ × α × seed
 per method), on ridge least squares (d = 16) and on logistic regression on
@@ -24,9 +39,8 @@ the last quarter of its steps, averaged over seeds.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -34,6 +48,8 @@ import numpy as np
 from experiments import common
 from qjax import results as results_lib
 from qjax.theory import convex
+
+NAME = "convex_floors"
 
 VARIANTS = {  # label -> RunConfig overrides
     "SR": dict(method="sr", optimizer="sgd"),
@@ -47,18 +63,23 @@ VARIANTS = {  # label -> RunConfig overrides
 }
 
 
-def config(smoke: bool = False) -> dict:
-  """The experiment's settings (``smoke``: a seconds-long variant)."""
-  if smoke:
-    return dict(deltas=[0.02, 0.1], lrs=[0.02, 0.1], adam_lrs=[0.003, 0.01],
-                seeds=[0], num_steps=1000, record_every=50, big_batch=16,
-                variants=["SR", "R", "BC (Q_s view)"], logistic=False,
-                theorem_steps=1000, theorem_t0=50.0)
-  return dict(deltas=[0.01, 0.02, 0.05, 0.1, 0.2], lrs=[0.01, 0.02, 0.05, 0.1],
-              adam_lrs=[0.001, 0.003, 0.01, 0.03], seeds=[0, 1],
-              num_steps=10000, record_every=100, big_batch=16,
-              variants=list(VARIANTS), logistic=True, theorem_steps=20000,
-              theorem_t0=50.0)
+def config(scale: str = "cpu") -> dict:
+  """The settings at ``scale`` ("smoke", "cpu" or "paper" = "cpu")."""
+  common.check_scale(scale)
+  if scale == "smoke":
+    settings = dict(deltas=[0.02, 0.1], lrs=[0.02, 0.1],
+                    adam_lrs=[0.003, 0.01], seeds=[0], num_steps=1000,
+                    record_every=50, big_batch=16,
+                    variants=["SR", "R", "BC (Q_s view)"], logistic=False,
+                    theorem_steps=1000, theorem_t0=50.0)
+  else:  # "cpu"; "paper" uses it: the paper's numerical scale already.
+    settings = dict(deltas=[0.01, 0.02, 0.05, 0.1, 0.2],
+                    lrs=[0.01, 0.02, 0.05, 0.1],
+                    adam_lrs=[0.001, 0.003, 0.01, 0.03], seeds=[0, 1],
+                    num_steps=10000, record_every=100, big_batch=16,
+                    variants=list(VARIANTS), logistic=True,
+                    theorem_steps=20000, theorem_t0=50.0)
+  return {"name": NAME, "scale": scale, **settings}
 
 
 def _floor(excess):
@@ -73,7 +94,7 @@ def _slope(x, y):
                           1)[0])
 
 
-def _sweep_problem(problem, cfg, labels, batch_size=1):
+def _sweep_problem(problem, cfg, labels, batch_size=1, progress=False):
   out = {}
   for label in labels:
     over = VARIANTS[label]
@@ -95,6 +116,9 @@ def _sweep_problem(problem, cfg, labels, batch_size=1):
         "moved": res["moved"], "max_step_inf": res["max_step_inf"],
         "seconds": time.time() - t0,
     }
+    if progress:
+      print(f"{NAME}: {problem.name}, {label}, batch {batch_size}: "
+            f"{out[label]['seconds']:.0f} s", flush=True)
   return out
 
 
@@ -107,22 +131,28 @@ def _r_frozen_check(r, deltas):
           "frozen_late_fraction": float((r["moved_late"] == 0).mean())}
 
 
-def run(cfg: dict) -> dict:
-  """Runs every sweep; returns a JSON-able dict of results and key numbers."""
+def run(cfg: dict, out_dir: str | None = None, progress: bool = False
+        ) -> dict:
+  """Runs every sweep; results and key numbers (``results["summary"]``).
+
+  Writes ``results.json`` in ``out_dir`` when given. ``progress`` prints a
+  line per finished sweep.
+  """
   t_start = time.time()
   ls = convex.least_squares()
   mu, L = convex.curvature(ls)
   d, deltas = ls.dim, np.asarray(cfg["deltas"])
   D0 = float(np.linalg.norm(ls.w_star))
-  res = {"problem": ls.name, "d": d, "mu": mu, "L": L, "L2": 0.0, "D0": D0,
-         "config": cfg}
-  sweeps = _sweep_problem(ls, cfg, cfg["variants"])
-  big = _sweep_problem(ls, cfg, ["SR"], batch_size=cfg["big_batch"])["SR"]
+  res = {"name": NAME, "scale": cfg["scale"], "problem": ls.name, "d": d,
+         "mu": mu, "L": L, "L2": 0.0, "D0": D0, "config": cfg}
+  sweeps = _sweep_problem(ls, cfg, cfg["variants"], progress=progress)
+  big = _sweep_problem(ls, cfg, ["SR"], batch_size=cfg["big_batch"],
+                       progress=progress)["SR"]
   steps = np.arange(1, cfg["num_steps"] // cfg["record_every"] + 1) * cfg[
       "record_every"]
   lrs = np.asarray(cfg["lrs"])
   sr, bc = sweeps["SR"], sweeps["BC (Q_s view)"]
-  summary = {
+  numbers = {
       "sr_floor_vs_delta_slope_per_alpha": [
           _slope(deltas, sr["floor"][:, j]) for j in range(len(lrs))],
       "sr_floor_vs_alpha_slope_per_delta": [
@@ -135,7 +165,7 @@ def run(cfg: dict) -> dict:
       "r_frozen": _r_frozen_check(sweeps["R"], deltas),
   }
   if "BC (Q_d view)" in sweeps:
-    summary["bc_qd_excess_vs_alpha_slope_per_delta"] = [
+    numbers["bc_qd_excess_vs_alpha_slope_per_delta"] = [
         _slope(lrs, sweeps["BC (Q_d view)"]["floor"][i])
         for i in range(len(deltas))]
   # Theorem check: SR with α_t = 1/(μ(t+t0)), averaged iterate, vs the bound.
@@ -149,25 +179,28 @@ def run(cfg: dict) -> dict:
   th_bound = np.stack([convex.sr_strongly_convex_bound(
       th_steps, mu, G, d, dl, t0=cfg["theorem_t0"], D0=D0)
       for G, dl in zip(th_G, deltas)])
-  summary["theorem_sr_strongly_convex"] = {
+  numbers["theorem_sr_strongly_convex"] = {
       "final_excess": th_excess[:, -1].tolist(),
       "final_bound": th_bound[:, -1].tolist(), "G": th_G.tolist(),
       "holds": bool(np.all(th_excess <= th_bound))}
-  res.update(steps=steps, sweeps=sweeps, big_batch=big, summary=summary,
+  res.update(steps=steps, sweeps=sweeps, big_batch=big, summary=numbers,
              theorem={"steps": th_steps, "excess": th_excess,
                       "bound": th_bound, "G": th_G})
   if cfg["logistic"]:
     lg = convex.logistic_digits()
-    lsw = _sweep_problem(lg, cfg, ["SR", "BC (Q_s view)", "FP"])
+    lsw = _sweep_problem(lg, cfg, ["SR", "BC (Q_s view)", "FP"],
+                         progress=progress)
     res["logistic"] = {"name": lg.name, "d": lg.dim,
                        "L2": convex.hessian_lipschitz(lg),
                        "mu_L": convex.curvature(lg), "sweeps": lsw}
-    summary["logistic_sr_floor_vs_delta_slope_per_alpha"] = [
+    numbers["logistic_sr_floor_vs_delta_slope_per_alpha"] = [
         _slope(deltas, lsw["SR"]["floor"][:, j]) for j in range(len(lrs))]
-    summary["logistic_bc_excess_vs_alpha_slope_per_delta"] = [
+    numbers["logistic_bc_excess_vs_alpha_slope_per_delta"] = [
         _slope(lrs, lsw["BC (Q_s view)"]["floor"][i])
         for i in range(len(deltas))]
   res["seconds"] = time.time() - t_start
+  if out_dir:
+    results_lib.write_json(os.path.join(out_dir, "results.json"), res)
   return res
 
 
@@ -270,19 +303,53 @@ def plot(results: dict, out_dir: str) -> list[str]:
   return paths
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="results/convex_floors")
-  parser.add_argument("--smoke", action="store_true")
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  results = run(config(args.smoke))
-  paths = plot(results, args.out)
-  results_lib.write_json(os.path.join(args.out, "results.json"), results)
-  print(json.dumps(results_lib.jsonable(results["summary"]), indent=1))
-  print(f"wrote {paths} in {results['seconds']:.0f} s")
-  return results
+def summary(results: dict) -> str:
+  """Markdown: each check, what the theory expects, what was measured."""
+  s, cfg = results["summary"], results["config"]
+  fmt = lambda xs: ", ".join(f"{x:.3g}" for x in xs)
+  th, r = s["theorem_sr_strongly_convex"], s["r_frozen"]
+  rows = [
+      (f"SR floor vs Δ slope, per α = {fmt(cfg['lrs'])}", "≈ 1 at small α",
+       fmt(s["sr_floor_vs_delta_slope_per_alpha"])),
+      (f"SR floor vs α slope, per Δ = {fmt(cfg['deltas'])}",
+       "≈ 0 at large Δ", fmt(s["sr_floor_vs_alpha_slope_per_delta"])),
+      ("BC (Q_s view) excess vs α slope, per Δ", "≈ 1",
+       fmt(s["bc_qs_excess_vs_alpha_slope_per_delta"])),
+  ]
+  if "bc_qd_excess_vs_alpha_slope_per_delta" in s:
+    rows.append(("BC (Q_d view) excess vs α slope, per Δ",
+                 "≈ 1 up to a bias ≤ `‖H‖√dΔ/2`",
+                 fmt(s["bc_qd_excess_vs_alpha_slope_per_delta"])))
+  rows += [
+      (f"SR floor, batch {cfg['big_batch']} / batch 1 (max)", "< 1",
+       f"{max(map(max, s['sr_floor_big_over_small_batch'])):.2f}"),
+      ("SR floor / `√dΔG/2` (max)", "≲ 1 where `√dΔG/2 ≳ αG²/2`",
+       f"{max(map(max, s['sr_floor_over_bound'])):.2f}"),
+      ("R moves while `α‖g‖∞ < Δ/2`", "0",
+       f"{r['violations']} of {r['windows_small_step']} windows"),
+      ("SR strongly convex bound holds", "yes",
+       f"{th['holds']} (final excess {fmt(th['final_excess'])} vs bound "
+       f"{fmt(th['final_bound'])})"),
+  ]
+  if "logistic" in results:
+    name = results["logistic"]["name"]
+    rows += [
+        (f"logistic {name}: SR floor vs Δ slope, per α", "≈ 1 at small α",
+         fmt(s["logistic_sr_floor_vs_delta_slope_per_alpha"])),
+        (f"logistic {name}: BC (Q_s view) excess vs α slope, per Δ",
+         "≈ 1, like FP (its `L2 D dΔ²/8` floor is small)",
+         fmt(s["logistic_bc_excess_vs_alpha_slope_per_delta"])),
+    ]
+  lines = ["| check | expected | measured |", "|---|---|---|"]
+  lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+  lines += ["", f"{results['problem']}, scale "
+            f"{results['scale']}: {results['seconds']:.0f} s."]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  return common.main(NAME, __doc__, config, run, plot, summary, argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

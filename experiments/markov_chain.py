@@ -17,17 +17,31 @@ Expected result: TV(π_α, π_0) → 0; min π_0 > 0; log-log slope of mixing ti
 vs α near -1; exact-vs-simulated TV under tolerance; SR 2-D histogram entropy
 roughly constant in α, BC's falling.
 
-Runtime: full ~2-4 min on 2 shared CPU cores; ``--smoke`` ~30 s.
+Scales (``config(scale)``):
 
-Command: ``python -m experiments.markov_chain [--out results/markov_chain]
-[--smoke]``.
+* ``cpu``: 1-D chain at seven α from 1 to 0.001, 40000 simulated chains of
+  400 steps; 2-D toy at α = 0.1, 0.03, 0.01 with 4000 chains; ~1.5 min on 2
+  shared CPU cores.
+* ``paper``: the ``cpu`` settings (this numerical experiment is the paper's
+  scale already; ``scale`` is recorded as ``"paper"``).
+* ``smoke``: three α, 4000 chains of 100 steps, a 2-D toy at two α
+  (seconds).
+
+Config keys (override with ``--set KEY=VALUE``): ``delta``, ``lo``, ``hi``,
+``sigma`` (the 1-D chain: grid spacing, range, gradient-noise std),
+``alphas``, ``sim_alpha``, ``num_chains``, ``sim_steps`` (exact vs
+simulated), ``toy_alphas``, ``toy_chains``, ``toy_steps_alpha`` (steps x α
+per run), ``toy_delta``, ``toy_sigma`` (the 2-D toy).
+
+Command: ``python -m experiments.markov_chain --scale cpu --out
+results/markov_chain`` (``--scale smoke`` in seconds). Outputs: results.json
+and the markov_*.png figures in ``--out``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import sys
 import time
 
 import jax
@@ -38,6 +52,8 @@ from experiments import common
 from qjax import results as results_lib
 from qjax import quantizers
 from qjax.theory import markov
+
+NAME = "markov_chain"
 
 
 def double_well_grad(x):
@@ -53,17 +69,21 @@ def toy2d_grad(w):
   return xp.stack([x ** 3 - x + 0.3 * y, y ** 3 - y + 0.3 * x], axis=-1)
 
 
-def config(smoke: bool = False) -> dict:
-  if smoke:
-    return dict(delta=0.1, lo=-1.5, hi=1.5, sigma=2.0,
-                alphas=[0.3, 0.1, 0.03], sim_alpha=0.1, num_chains=4000,
-                sim_steps=100, toy_alphas=[0.1, 0.01], toy_chains=1000,
-                toy_steps_alpha=20.0, toy_delta=0.25, toy_sigma=1.0)
-  return dict(delta=0.1, lo=-1.5, hi=1.5, sigma=2.0,
-              alphas=[1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001],
-              sim_alpha=0.1, num_chains=40000, sim_steps=400,
-              toy_alphas=[0.1, 0.03, 0.01], toy_chains=4000,
-              toy_steps_alpha=60.0, toy_delta=0.25, toy_sigma=1.0)
+def config(scale: str = "cpu") -> dict:
+  """The settings at ``scale`` ("smoke", "cpu" or "paper" = "cpu")."""
+  common.check_scale(scale)
+  if scale == "smoke":
+    settings = dict(delta=0.1, lo=-1.5, hi=1.5, sigma=2.0,
+                    alphas=[0.3, 0.1, 0.03], sim_alpha=0.1, num_chains=4000,
+                    sim_steps=100, toy_alphas=[0.1, 0.01], toy_chains=1000,
+                    toy_steps_alpha=20.0, toy_delta=0.25, toy_sigma=1.0)
+  else:  # "cpu"; "paper" uses it: the paper's numerical scale already.
+    settings = dict(delta=0.1, lo=-1.5, hi=1.5, sigma=2.0,
+                    alphas=[1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001],
+                    sim_alpha=0.1, num_chains=40000, sim_steps=400,
+                    toy_alphas=[0.1, 0.03, 0.01], toy_chains=4000,
+                    toy_steps_alpha=60.0, toy_delta=0.25, toy_sigma=1.0)
+  return {"name": NAME, "scale": scale, **settings}
 
 
 def figure1(chain, alphas, x=0.5):
@@ -73,7 +93,8 @@ def figure1(chain, alphas, x=0.5):
   for a in alphas:
     p = markov.transition_matrix(chain, a)[s]
     up, down = p[s + 1:].sum(), p[:s].sum()
-    rows.append(dict(alpha=a, p_move=1 - p[s], p_up_given_move=up / (up + down)))
+    rows.append(dict(alpha=a, p_move=1 - p[s],
+                     p_up_given_move=up / (up + down)))
   return dict(x=float(chain.axis[s]), rows=rows)
 
 
@@ -172,19 +193,36 @@ def _bc_run(chain, alpha, key, w0, num_steps):
   return go(key, w0)
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: dict, out_dir: str | None = None, progress: bool = False
+        ) -> dict:
+  """Every part; results (the 2-D toy's ``chain`` object included).
+
+  Writes ``results.json`` in ``out_dir`` when given, without the ``chain``
+  object. ``progress`` prints a line per finished part.
+  """
   t0 = time.time()
+
+  def done(part):
+    if progress:
+      print(f"{NAME}: {part} ({time.time() - t0:.0f} s)", flush=True)
+
   chain = markov.make_chain(double_well_grad, cfg["delta"], cfg["lo"],
                             cfg["hi"], sigma=cfg["sigma"])
-  res = dict(config=cfg, axis=chain.axis,
+  res = dict(name=NAME, scale=cfg["scale"], config=cfg, axis=chain.axis,
              figure1=figure1(chain, cfg["alphas"]),
-             limit=limit_and_mixing(chain, cfg["alphas"]),
-             exact_vs_simulated=exact_vs_simulated(
-                 chain, cfg["sim_alpha"], cfg["num_chains"], cfg["sim_steps"]))
+             limit=limit_and_mixing(chain, cfg["alphas"]))
+  done("figure 1, limit and mixing times")
+  res["exact_vs_simulated"] = exact_vs_simulated(
+      chain, cfg["sim_alpha"], cfg["num_chains"], cfg["sim_steps"])
+  done("exact vs simulated")
   res["stationary"] = {a: markov.stationary_distribution(
       markov.transition_matrix(chain, a)) for a in cfg["alphas"]}
   res["toy2d"] = toy2d(cfg)
+  done("2-D toy")
   res["seconds"] = time.time() - t0
+  if out_dir:
+    results_lib.write_json(os.path.join(out_dir, "results.json"), res,
+                           drop=("chain",))
   return res
 
 
@@ -262,7 +300,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
   return paths
 
 
-def summary(results: dict) -> dict:
+def numbers(results: dict) -> dict:
+  """The key numbers (JSON-able once through ``qjax.results.jsonable``)."""
   lim, ev, toy = (results["limit"], results["exact_vs_simulated"],
                   results["toy2d"])
   return {
@@ -279,19 +318,46 @@ def summary(results: dict) -> dict:
   }
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="results/markov_chain")
-  parser.add_argument("--smoke", action="store_true")
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  results = run(config(args.smoke))
-  paths = plot(results, args.out)
-  results_lib.write_json(os.path.join(args.out, "results.json"), results, drop=("chain",))
-  print(json.dumps(results_lib.jsonable(summary(results)), indent=1))
-  print(f"wrote {paths} in {results['seconds']:.0f} s")
-  return results
+def summary(results: dict) -> str:
+  """Markdown: Fig. 1, limit and mixing, exact vs simulated, 2-D toy."""
+  s = numbers(results)
+  ev, toy = s["exact_vs_sim"], s["toy2d_entropy"]
+
+  def rows(records, keys):
+    return ["| " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |"
+            for r in records]
+
+  lines = [
+      f"**Fig. 1**, one step from x = {s['figure1']['x']:.1f}: P(move) ∝ α, "
+      "P(up | move) constant.", "",
+      "| α | P(move) | P(up given move) |", "|---|---|---|",
+      *rows(s["figure1"]["rows"], ("alpha", "p_move", "p_up_given_move")),
+      "",
+      f"**Limit and mixing**: min π_0 = {s['min_pi0']:.2g} (> 0), "
+      "mixing-time slope for α ≤ 0.1: "
+      f"{s['mixing_slope_small_alpha']:.2f} (≈ −1; α = 0.1, 0.03 are "
+      "pre-asymptotic and steepen it).", "",
+      "| α | TV(π_α, π_0) | 0.25-mixing time | min π_α |", "|---|---|---|---|",
+      *rows(s["limit_rows"], ("alpha", "tv_to_limit", "mixing_time",
+                              "min_pi")),
+      "",
+      f"**Exact vs simulated** ({ev['chains']} chains, α = {ev['alpha']:g}, "
+      f"T = {ev['steps']}): TV = {ev['tv']:.4f} against tolerance "
+      f"{ev['tol']:.4f}; one-step rows, max TV / tolerance "
+      f"{ev['row_tv_over_tol_max']:.2f} (< 1).", "",
+      "**2-D toy**, histogram entropy (lower = more concentrated):", "",
+      "| α | steps | SR | BC |", "|---|---|---|---|",
+      *(f"| {a} | {r['steps']} | {r['sr']:.2f} | {r['bc']:.2f} |"
+        for a, r in toy.items()),
+      "",
+      f"Scale {results['scale']}: {results['seconds']:.0f} s.",
+  ]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  return common.main(NAME, __doc__, config, run, plot, summary, argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -44,10 +44,13 @@ METHODS = ("r", "sr", "bc")
 
 
 def config(scale: str = "cpu") -> dict:
-  """The sign-change config at ``scale`` ("smoke", "cpu" or "paper")."""
+  """The sign-change config at ``scale`` ("smoke", "cpu" or "paper").
+
+  Each experiment's ``grid``: the quantized layers' grid, qjax.grids spec.
+  """
   common.check_scale(scale)
-  base = {"optimizer": "adam", "batch_size": 128, "lr_decay_epochs": [],
-          "methods": list(METHODS)}
+  base = {"optimizer": "adam", "grid": "glorot", "batch_size": 128,
+          "lr_decay_epochs": [], "methods": list(METHODS)}
   if scale == "smoke":
     exp = {**base, "name": "digits/mlp", "dataset": "digits", "model": "mlp",
            "model_kwargs": {"features": [32]}, "mask": "all", "lr": 0.001,
@@ -97,7 +100,7 @@ def statement(final: dict) -> dict:
     text.append(("SR changes more signs than BC in every layer"
                  if out["sr_more_than_bc"] else
                  "SR does not change more signs than BC in layer(s) "
-                 + ", ".join(l for l, m in more.items() if not m)))
+                 + ", ".join(layer for layer, m in more.items() if not m)))
   if "R-ADAM" in final:
     top = max(final["R-ADAM"].values())
     out["r_max_percent"] = top
@@ -117,7 +120,8 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   for exp in cfg["experiments"]:
     t1 = time.time()
     records = [common.train_method(exp, m, batch_size=exp["batch_size"],
-                                   label=methods_lib.label(m), progress=progress)
+                                   label=methods_lib.label(m),
+                                   progress=progress)
                for m in exp["methods"]]
     final = {r["label"]: common.final_flips(r) for r in records}
     results["experiments"].append({
@@ -144,7 +148,7 @@ def table(results: dict) -> str:
               "|---" * (len(layers) + 2) + "|"]
     for label, per_layer in e["final"].items():
       lines.append(f"| {label} | " + " | ".join(
-          f"{per_layer[l]:.2f}" for l in layers) + f" | "
+          f"{per_layer[layer]:.2f}" for layer in layers) + f" | "
           f"{common.fmt(e['test_error'][label])} |")
     lines += ["", f"- {e['name']}: {e['statement']['text']}", ""]
   return "\n".join(lines).rstrip()

@@ -29,9 +29,9 @@ Scales (``config(scale)``):
   0.001, not the paper's 0.01: our binary grids use BinaryConnect's
   per-layer Glorot scale (H about 0.04 for the MLP), far finer than the
   paper's +-1, and at lr 0.01 an Adam step (about lr) is an eighth of the
-  grid spacing 2H, so BC and SR thrash (README: after 1 epoch BC-ADAM 8.8 % and SR-ADAM 9.0 %
-  at lr 0.01 against 3.4 % and 4.8 % at lr 0.001). Exactly what was used
-  (subsets, epochs, steps, seeds) is recorded in the results.
+  grid spacing 2H, so BC and SR thrash (README: after 1 epoch BC-ADAM 8.8 %
+  and SR-ADAM 9.0 % at lr 0.01 against 3.4 % and 4.8 % at lr 0.001). Exactly
+  what was used (subsets, epochs, steps, seeds) is recorded in the results.
 * ``smoke``: scikit-learn's digits, a tiny MLP, 1 epoch, 2 seeds (seconds).
 
 Expected result (cpu): ADAM < BC-ADAM < SR-ADAM with R-ADAM far worst on
@@ -71,10 +71,10 @@ def _paper_cifar(dataset: str, model: str, runtime: str) -> dict:
   name = f"{dataset}/{model}"
   return {
       "name": name, "dataset": dataset, "model": model, "model_kwargs": {},
-      "normalize": True, "augment": True, "mask": "conv", "optimizer": "adam",
-      "lr": 0.01, "lr_decay_epochs": [82, 122], "epochs": 160,
-      "batch_size": 128, "big_batch_size": 1024, "seeds": [0, 1],
-      "runtime": CIFAR_RUNTIME.format(runtime),
+      "normalize": True, "augment": True, "mask": "conv", "grid": "glorot",
+      "optimizer": "adam", "lr": 0.01, "lr_decay_epochs": [82, 122],
+      "epochs": 160, "batch_size": 128, "big_batch_size": 1024,
+      "seeds": [0, 1], "runtime": CIFAR_RUNTIME.format(runtime),
       "command": (f"python -m qjax.data fetch {dataset} --source "
                   f"<{dataset.replace('cifar', 'cifar-')}-binary.tar.gz> && "
                   f"python -m experiments.table1 --scale paper --only {name}"
@@ -86,8 +86,8 @@ def _paper() -> list[dict]:
   imagenet = {
       "name": "imagenet2012/resnet18", "dataset": "imagenet2012",
       "model": "resnet18", "model_kwargs": {}, "normalize": True,
-      "augment": False, "mask": "conv", "optimizer": "adam", "lr": 0.01,
-      "lr_decay_epochs": [30, 60], "epochs": 90, "batch_size": 128,
+      "augment": False, "mask": "conv", "grid": "glorot", "optimizer": "adam",
+      "lr": 0.01, "lr_decay_epochs": [30, 60], "epochs": 90, "batch_size": 128,
       "big_batch_size": 1024, "seeds": [0],
       "runtime": ("not measured; days on one GPU (90 epochs of 1.28M "
                   "images streamed from TFDS through the host)"),
@@ -107,8 +107,9 @@ def _cpu() -> list[dict]:
     return {
         "name": f"{dataset}/mlp", "dataset": dataset, "model": "mlp",
         "model_kwargs": {"features": [256, 256]}, "mask": "all",
-        "optimizer": "adam", "lr": 0.001, "lr_decay_epochs": [], "epochs": 2,
-        "batch_size": 128, "big_batch_size": 1024, "seeds": [0, 1],
+        "grid": "glorot", "optimizer": "adam", "lr": 0.001,
+        "lr_decay_epochs": [], "epochs": 2, "batch_size": 128,
+        "big_batch_size": 1024, "seeds": [0, 1],
         "runtime": "about 1 min on 2 shared CPU cores (55 s and 24 s measured)",
         "command": (f"python -m experiments.table1 --scale cpu --only "
                     f"{dataset}/mlp"),
@@ -116,8 +117,9 @@ def _cpu() -> list[dict]:
   cnn = {
       "name": "mnist/cnn", "dataset": "mnist", "model": "cnn",
       "model_kwargs": {}, "train_subset": 6400, "test_subset": 2000,
-      "mask": "conv", "optimizer": "adam", "lr": 0.001, "lr_decay_epochs": [],
-      "epochs": 2, "batch_size": 128, "big_batch_size": 1024, "seeds": [0, 1],
+      "mask": "conv", "grid": "glorot", "optimizer": "adam", "lr": 0.001,
+      "lr_decay_epochs": [], "epochs": 2, "batch_size": 128,
+      "big_batch_size": 1024, "seeds": [0, 1],
       "runtime": "about 3 min on 2 CPU cores (167 s measured, 2 seeds)",
       "command": "python -m experiments.table1 --scale cpu --only mnist/cnn",
   }
@@ -127,20 +129,24 @@ def _cpu() -> list[dict]:
 def _smoke() -> list[dict]:
   return [{
       "name": "digits/mlp", "dataset": "digits", "model": "mlp",
-      "model_kwargs": {"features": [32]}, "mask": "all", "optimizer": "adam",
-      "lr": 0.001, "lr_decay_epochs": [], "epochs": 1, "batch_size": 64,
-      "big_batch_size": 256, "seeds": [0, 1], "runtime": "seconds",
+      "model_kwargs": {"features": [32]}, "mask": "all", "grid": "glorot",
+      "optimizer": "adam", "lr": 0.001, "lr_decay_epochs": [], "epochs": 1,
+      "batch_size": 64, "big_batch_size": 256, "seeds": [0, 1],
+      "runtime": "seconds",
       "command": "python -m experiments.table1 --scale smoke",
   }]
 
 
 def config(scale: str = "cpu") -> dict:
-  """The Table 1 config at ``scale`` ("smoke", "cpu" or "paper")."""
+  """The Table 1 config at ``scale`` ("smoke", "cpu" or "paper").
+
+  Each experiment's ``grid``: the quantized layers' grid, qjax.grids spec.
+  """
   common.check_scale(scale)
   experiments = {"smoke": _smoke, "cpu": _cpu, "paper": _paper}[scale]()
   return {"name": NAME, "scale": scale,
-          "rows": [{"label": l, "method": m, "big_batch": b}
-                   for l, m, b in ROWS],
+          "rows": [{"label": label, "method": m, "big_batch": b}
+                   for label, m, b in ROWS],
           "experiments": experiments}
 
 
@@ -269,10 +275,10 @@ def plot(results: dict, out_dir: str) -> list[str]:
                               squeeze=False)
   for ax, e in zip(axes[0], exps):
     labels = [r["label"] for r in e["rows"]]
-    mean = [e["summary"][l]["mean"] for l in labels]
-    std = [e["summary"][l]["std"] for l in labels]
+    mean = [e["summary"][label]["mean"] for label in labels]
+    std = [e["summary"][label]["std"] for label in labels]
     ax.bar(range(len(labels)), mean, yerr=std, capsize=3,
-           color=[plotting.method_color(l) for l in labels])
+           color=[plotting.method_color(label) for label in labels])
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yscale("log")
     plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")

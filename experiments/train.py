@@ -291,6 +291,13 @@ class Plan:
           f"{','.join(args.methods)} has such a hyperparameter; they accept "
           + "; ".join(f"{m}: {', '.join(methods_lib.hparam_names(m))}"
                       for m in args.methods))
+    for n in names:
+      without = [m for m in args.methods
+                 if n not in methods_lib.hparam_names(m)]
+      if without:
+        print(f"note: --sweep {n} applies to "
+              f"{','.join(m for m in args.methods if m not in without)} "
+              f"only, not to {','.join(without)}", file=sys.stderr)
     self.specs = {m: sweep_lib.SweepSpec(
         seeds=args.seeds, lrs=args.lrs, grid_scales=args.grid_scales,
         hparams={n: v for n, v in args.sweeps
@@ -313,6 +320,15 @@ class Plan:
       raise UsageError(str(err).replace("lr_decay_epochs", "--lr-decay-epochs")
                        ) from None
     n = self.dataset.train_x.shape[0]
+    if args.batch_size <= n:
+      # Every check the engine makes (hparams, validation split, the method
+      # on this model and grid), now, before any training.
+      for key, config in self.configs.items():
+        try:
+          sweep_lib.check(self.model, self.dataset, config, self.spec(key),
+                          validation=args.validation)
+        except ValueError as err:
+          raise UsageError(f"{self.label(key)}: {err}") from None
     if args.batch_size > n:
       raise UsageError(f"--batch-size {args.batch_size} exceeds the {n} "
                        f"training examples of {args.dataset}; choose at most "

@@ -70,7 +70,7 @@ from qjax.provenance import is_streaming
 from qjax.provenance import model_definition
 
 __all__ = ("CONV_MODELS", "Programs", "Strategy", "SweepSpec",
-           "check_resumable", "choose_strategy", "cpu_devices",
+           "check", "check_resumable", "choose_strategy", "cpu_devices",
            "describe_dataset", "fingerprint", "is_streaming",
            "model_definition", "programs", "run_chunk", "split_validation",
            "sweep", "train")
@@ -406,20 +406,54 @@ def _plan(dataset, config: train_lib.TrainConfig, spec: SweepSpec,
                     _abstract_params(model, dataset, config.batch_size)))
   configs = spec.configs()
   _check_hparams(config, configs)
+  if model is not None:
+    _check_init(model, dataset, config, configs[0])
   size = max_configs_per_chunk or len(configs)
   chunks = [configs[i:i + size] for i in range(0, len(configs), size)]
   return config, strategy, configs, chunks
 
 
-def _abstract_params(model, dataset, batch_size: int):
-  """The model's parameter shapes (no computation), to choose a strategy."""
+def _sample(dataset, batch_size: int):
+  """One batch of inputs as a shape struct."""
   if is_streaming(dataset):
     x = next(iter(dataset.train_batches(0, batch_size)))[0]
   else:
     x = dataset.train_x[:batch_size]
+  return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
+
+def _check_init(model, dataset, config, first: dict) -> None:
+  """Initialises one config abstractly (shapes only, no computation).
+
+  So that a method that cannot run on the model or grid (Bop on a 16-level
+  grid, a mask that selects nothing) fails here, before any compilation or
+  training, with the method's own message.
+  """
+  hp = {k: np.float32(v) for k, v in first.items() if k != "seed"}
   network = network_lib.as_network(model)
-  sample = jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-  return jax.eval_shape(network.init, jax.random.PRNGKey(0), sample)[0]
+  jax.eval_shape(
+      lambda key, x: train_lib.init_state(network, config, key, x, hp),
+      jax.random.PRNGKey(0), _sample(dataset, config.batch_size))
+
+
+def check(model, dataset, config: train_lib.TrainConfig, spec: SweepSpec, *,
+          validation=None, max_configs_per_chunk: int | None = None) -> None:
+  """Every check :func:`sweep` makes before training, without training.
+
+  The validation split, the batch size against the data, each config's
+  hyperparameters (names and values, by building the method), and an
+  abstract initialisation of the model with the method and grid. Raises
+  ``ValueError`` with the problem; returns None when the sweep can run.
+  """
+  dataset, _ = split_validation(dataset, validation)
+  _plan(dataset, config, spec, "", Strategy(), max_configs_per_chunk, model)
+
+
+def _abstract_params(model, dataset, batch_size: int):
+  """The model's parameter shapes (no computation), to choose a strategy."""
+  network = network_lib.as_network(model)
+  return jax.eval_shape(network.init, jax.random.PRNGKey(0),
+                        _sample(dataset, batch_size))[0]
 
 
 def _chunk_dir(checkpoint_dir: str | None, i: int) -> str | None:

@@ -10,10 +10,16 @@ import pytest
 
 from benchmarks import sweep_throughput
 from experiments import batch_size, common, sign_flips, table1
+from experiments import convex_floors, markov_chain
 from experiments import train as train_command
+from qjax import grids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = (table1, sign_flips, batch_size)
+THEORY = (convex_floors, markov_chain)
+# A --set per module: a key in its (smoke) config and a new value for it.
+KEY = {table1: "seeds=[3]", sign_flips: "epochs=3", batch_size: "seeds=[3]",
+       convex_floors: "seeds=[3]", markov_chain: "num_chains=10"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,11 +143,19 @@ def test_cpu_configs():
     assert e["lr"] == 0.001
     assert len(e["seeds"]) >= (2 if e["model"] == "mlp" else 1)
   assert "0.01" in table1.__doc__ and "thrash" in table1.__doc__
-  for module in MODULES:
+  for module in MODULES + THEORY:
     for scale in common.SCALES:
       assert module.config(scale)["scale"] == scale
     with pytest.raises(ValueError, match="scale must be one of"):
       module.config("huge")
+  for module in MODULES:
+    for scale in common.SCALES:
+      assert all(e["grid"] == "glorot"
+                 for e in module.config(scale)["experiments"])
+  for module in THEORY:  # numerical experiments: paper scale = cpu scale
+    assert module.config("paper") == {**module.config("cpu"),
+                                      "scale": "paper"}
+    assert module.config("smoke")["name"] == module.NAME
 
 
 def _summ(**means):
@@ -214,7 +228,8 @@ def test_select_rejects_unknown_names():
     common.select(table1.config("cpu"), ["cifar10/vgg9"])
 
 
-@pytest.mark.parametrize("name", ["table1", "sign_flips", "batch_size"])
+@pytest.mark.parametrize("name", ["table1", "sign_flips", "batch_size",
+                                  "convex_floors", "markov_chain"])
 def test_module_entry_point(name):
   out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
@@ -248,3 +263,103 @@ def test_cpu_devices_flag_refuses_bad_counts(main, value, capsys):
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert f"--cpu-devices: expected an int >= 1, got {value!r}" in err
+
+
+def test_set_overrides_reach_the_run(tmp_path, capsys):
+  assert table1.main(["--scale", "smoke", "--set", "epochs=1", "--set",
+                      "seeds=[0]", "--out", str(tmp_path),
+                      "--no-progress"]) == 0
+  assert "digits/mlp" in capsys.readouterr().out
+  with open(tmp_path / "results.json") as f:
+    (exp,) = json.load(f)["experiments"]
+  assert exp["config"]["seeds"] == [0] and exp["config"]["epochs"] == 1
+  assert all(r["seeds"] == [0] and len(r["test_error"]) == 1
+             for r in exp["rows"])
+
+
+@pytest.mark.parametrize("module", MODULES + THEORY,
+                         ids=lambda m: m.NAME)
+def test_set_unknown_key_is_refused_naming_the_keys(module, tmp_path,
+                                                    monkeypatch, capsys):
+  monkeypatch.setattr(module, "run", _no_run)
+  assert module.main(["--scale", "smoke", "--set", "nope=1", "--out",
+                      str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert "no config key 'nope'" in err
+  assert KEY[module].partition("=")[0] in err and "scale" in err
+
+
+def test_set_wrong_type_is_refused(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(table1, "run", _no_run)
+  monkeypatch.setattr(convex_floors, "run", _no_run)
+  assert table1.main(["--scale", "smoke", "--set", "epochs=1.5", "--out",
+                      str(tmp_path)]) == 2
+  assert "--set epochs=1.5: expected a value like 1" in (
+      capsys.readouterr().err)
+  assert convex_floors.main(["--scale", "smoke", "--set", "logistic=3",
+                             "--out", str(tmp_path)]) == 2
+  assert "logistic=3" in capsys.readouterr().err
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("module", MODULES + THEORY,
+                         ids=lambda m: m.NAME)
+def test_show_prints_the_config_without_running(module, tmp_path,
+                                                monkeypatch, capsys):
+  monkeypatch.setattr(module, "run", _no_run)
+  assert module.main(["--scale", "smoke", "--set", KEY[module], "--show",
+                      "--out", str(tmp_path)]) == 0
+  shown = json.loads(capsys.readouterr().out)
+  expected = common.override(module.config("smoke"), [KEY[module]])
+  assert shown == expected and shown["scale"] == "smoke"
+  key, _, value = KEY[module].partition("=")
+  for e in shown.get("experiments", [shown]):
+    assert e[key] == json.loads(value) != module.config("smoke").get(key)
+  assert not os.listdir(tmp_path)
+
+
+def _no_run(*args, **kwargs):
+  raise AssertionError("run() called")
+
+
+class _Stop(Exception):
+  """Raised by a stubbed sweep, once it has seen its TrainConfig."""
+
+
+@pytest.mark.parametrize("grid", [None, "ternary", "kbit:4"])
+def test_set_grid_reaches_the_train_config(grid, tmp_path, monkeypatch):
+  seen = []
+
+  def sweep(model, ds, config, spec, **kwargs):
+    seen.append(config)
+    raise _Stop
+
+  monkeypatch.setattr(common.sweep_lib, "sweep", sweep)
+  argv = ["--scale", "smoke", "--out", str(tmp_path), "--no-progress"]
+  with pytest.raises(_Stop):
+    sign_flips.main(argv + (["--set", f"grid={grid}"] if grid else []))
+  (config,) = seen
+  assert config.grid == str(grids.parse(grid or "glorot"))
+
+
+@pytest.mark.parametrize("module", THEORY, ids=lambda m: m.NAME)
+def test_theory_smoke_through_main(module, tmp_path, capsys):
+  assert module.main(["--scale", "smoke", "--out", str(tmp_path),
+                      "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  assert results["name"] == module.NAME and results["scale"] == "smoke"
+  assert results["config"] == module.config("smoke")
+  pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+  if module is convex_floors:
+    assert "| check | expected | measured |" in out
+    assert pngs == ["convex_excess_vs_iterations.png",
+                    "convex_floor_vs_delta_alpha.png",
+                    "convex_sr_theorem.png"]
+    assert "sr_floor_vs_delta_slope_per_alpha" in results["summary"]
+  else:
+    assert "**Fig. 1**" in out and "| α | steps | SR | BC |" in out
+    assert pngs == ["markov_exact_vs_simulated.png", "markov_figure1.png",
+                    "markov_limit_mixing.png", "markov_toy2d.png"]
+    assert "chain" not in results["toy2d"]

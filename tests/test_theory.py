@@ -289,5 +289,5 @@ def test_2d_transition_matrix_matches_simulation(key):
 
 def test_experiment_smoke_configs_exist():
   from experiments import convex_floors, markov_chain
-  assert convex_floors.config(smoke=True)["num_steps"] <= 1000
-  assert markov_chain.config(smoke=True)["num_chains"] <= 4000
+  assert convex_floors.config("smoke")["num_steps"] <= 1000
+  assert markov_chain.config("smoke")["num_chains"] <= 4000

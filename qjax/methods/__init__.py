@@ -120,6 +120,9 @@ def base_optimizer(optimizer: str | optax.GradientTransformation,
   so it works on codes. A custom transformation gets
   ``optax.add_decayed_weights`` after it, scaled by ``-learning_rate``.
   """
+  if isinstance(weight_decay, (int, float)) and not weight_decay >= 0:
+    raise ValueError(f"weight_decay must be >= 0 (a negative decay grows the "
+                     f"weights); got {weight_decay!r}.")
   if weight_decay is None:
     if not isinstance(optimizer, str):
       return optimizer
