@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from experiments import common
 from qjax import memory
+from qjax import methods as methods_lib
 from qjax import models as models_lib
 from qjax import results as results_lib
 from qjax import train as train_lib
@@ -47,10 +48,13 @@ MODELS = {
     "mlp": (("mlp", {"features": (512, 512)}), (28, 28, 1)),
     "vgg9": (("vgg9", {}), (32, 32, 3)),
 }
-METHODS = ("fp", "bc", "sr", "r")
+METHODS = ("fp", "bc", "sbc", "sr", "r", "bop")
 OPTIMIZERS = ("sgd", "adam")
-LABELS = {"fp": "FP", "bc": "BC", "sr": "SR", "r": "R"}
 HP = {"lr": jnp.float32(1e-3)}
+
+
+def _label(method: str) -> str:
+  return methods_lib.get(method).label or "FP"
 
 
 def _state(model, config, sample_x, real: bool):
@@ -73,7 +77,7 @@ def bench_model(name: str, args) -> list[dict]:
       state = _state(model, config, sample, real)
       report = memory.memory_report(state)
       row = {
-          "model": name, "method": f"{LABELS[method]}-{optimizer.upper()}",
+          "model": name, "method": f"{_label(method)}-{optimizer.upper()}",
           "params": report["params"],
           "optimizer_state": report["optimizer_state"],
           "batch_stats": report["batch_stats"],

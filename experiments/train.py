@@ -233,6 +233,13 @@ def config_tokens(p: argparse.ArgumentParser, path: str) -> list[str]:
 
 def _tokens(action: argparse.Action, value, where: str) -> list[str]:
   flag = action.option_strings[0]
+  if isinstance(action, argparse._AppendAction):  # pylint: disable=protected-access
+    # Repeatable flags (--sweep, --import): one flag per list item.
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) for v in items):
+      raise UsageError(f"{where}: expected a string or a list of strings "
+                       f"like \"threshold=1e-8,1e-6\", got {value!r}")
+    return [t for v in items for t in (flag, v)]
   if action.nargs == 0:  # a store_true switch
     if not isinstance(value, bool):
       raise UsageError(f"{where}: expected true or false, got {value!r}")

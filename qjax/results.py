@@ -103,11 +103,11 @@ def write_csv(path: str, runs: list[dict]) -> None:
   for run in runs:
     for record in run["history"]:
       for i, cfg in enumerate(run["configs"]):
-        row = {"run": run["label"], "seed": cfg["seed"],
+        row = {"run": run["label"], "method": run.get("method", ""),
+               "grid": run.get("grid", ""), "seed": cfg["seed"],
                **{k: cfg.get(k, "") for k in names},
                "epoch": record["epoch"]}
-        for key in ("train_loss", "train_error", "test_loss", "test_error",
-                    "skipped_steps"):
+        for key in metric_names(runs):
           row[key] = record.get(key, [""] * len(run["configs"]))[i]
         flips = [v[i] for v in record["sign_flips"].values()]
         row["mean_sign_flip"] = float(np.mean(flips)) if flips else 0.0
@@ -118,6 +118,26 @@ def write_csv(path: str, runs: list[dict]) -> None:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
+
+
+def metric_names(runs: list[dict]) -> list[str]:
+  """Every per-config metric the histories record (``train_loss``,
+  ``val_error``, ``test_mse``, ``skipped_steps``, ...), in first-seen order."""
+  names = []
+  for run in runs:
+    n = len(run["configs"])
+    for record in run["history"]:
+      names += [k for k, v in record.items() if isinstance(v, list)
+                and len(v) == n and k not in names]
+  return names
+
+
+def headline_metric(runs: list[dict]) -> str:
+  """``test_error`` when recorded, else the first other ``test_`` metric."""
+  names = metric_names(runs)
+  tests = [k for k in names if k.startswith("test_") and k != "test_loss"]
+  return "test_error" if "test_error" in names else (
+      tests[0] if tests else "test_loss")
 
 
 def swept_names(runs: list[dict]) -> list[str]:
@@ -168,13 +188,14 @@ def plot_curves(path: str, runs: list[dict]) -> None:
   from qjax import plotting
   fig, axes = plotting.figure(1, 3, figsize=(13, 3.6))
   names = _varying(runs)
+  metric = headline_metric(runs)
   for run in runs:
     epochs = [r["epoch"] for r in run["history"]]
-    color = plotting.method_color(run["label"])
+    color = plotting.method_color(run.get("method", run["label"]))
     for g, (hp, idx) in enumerate(groups(run, names)):
       label = group_label(run, hp)
       style = dict(color=color, label=label, **plotting.variant(g))
-      for ax, key in zip(axes[:2], ("test_error", "train_loss")):
+      for ax, key in zip(axes[:2], (metric, "train_loss")):
         values = np.array([[_num(r[key][i]) for i in idx]
                            for r in run["history"]])
         mean, std = values.mean(1), values.std(1)
@@ -185,7 +206,7 @@ def plot_curves(path: str, runs: list[dict]) -> None:
                         for v in r["sign_flips"].values()])
                if r["sign_flips"] else 0.0 for r in run["history"]]
       axes[2].plot(epochs, 100 * np.asarray(flips), **style)
-  for ax, title in zip(axes, ("test error", "train loss",
+  for ax, title in zip(axes, (metric.replace("_", " "), "train loss",
                               "% weights with sign changed since init")):
     ax.set_title(title)
     ax.set_xlabel("epoch")
@@ -199,22 +220,35 @@ def _num(v) -> float:
 
 
 def error_table(runs: list[dict]) -> str:
-  """Markdown table of final test error (%), mean ± std over seeds only.
+  """Markdown table of the final test metric, mean ± std over seeds only.
 
   One row per method and value of every swept hyperparameter (learning
-  rate, grid scale, ...): configs that differ in anything but the seed are
-  never averaged together.
+  rate, grid scale, Bop's threshold, ...): configs that differ in anything
+  but the seed are never averaged together. The metric is the test error
+  (%) when recorded, else the task's first test metric (e.g. ``test_mse``);
+  with a validation split the validation value gets its own column.
   """
   names = swept_names(runs)
-  lines = ["| " + " | ".join(["method"] + names + ["test error (%)",
-                                                   "seeds"]) + " |",
-           "|" + "---|" * (len(names) + 3)]
+  metric = headline_metric(runs)
+  val = "val_" + metric[len("test_"):]
+  has_val = val in metric_names(runs)
+  percent = metric.endswith("error")
+  title = metric[len("test_"):].replace("_", " ") + (" (%)" if percent
+                                                     else "")
+  columns = ["method"] + names + [f"test {title}"] + (
+      [f"val {title}"] if has_val else []) + ["seeds"]
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  scale = 100 if percent else 1
   for run in runs:
-    final = run["history"][-1]["test_error"]
+    last = run["history"][-1]
     for hp, idx in groups(run, names):
-      s = summarize([_num(final[i]) * 100 for i in idx])
-      cells = ([run["label"]] + [_cell(hp[k]) for k in names]
-               + [f"{s['mean']:.2f} ± {s['std']:.2f}", str(s["n"])])
+      cells = [run["label"]] + [_cell(hp[k]) for k in names]
+      for key in [metric] + ([val] if has_val else []):
+        s = summarize([_num(last.get(key, [None] * len(run["configs"]))[i])
+                       * scale for i in idx])
+        cells.append(f"{s['mean']:.2f} ± {s['std']:.2f}" if percent
+                     else f"{s['mean']:.4g} ± {s['std']:.2g}")
+      cells.append(str(len(idx)))
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -379,3 +379,21 @@ def test_results_record_the_memory_each_method_stores(tmp_path, capsys):
       assert state["float_params"] >= 4 * weights
   assert runs["sr"]["state"]["float_params"] + runs["sr"]["state"]["codes"] < (
       runs["fp"]["state"]["float_params"] - 4 * weights + weights / 8 + 16)
+
+
+def test_config_file_takes_repeatable_flags_as_lists(tmp_path):
+  """``--sweep`` (and ``--import``) in a config file: one flag per item,
+  giving the same configs as the flags themselves."""
+  cfg = tmp_path / "c.json"
+  cfg.write_text(json.dumps({"methods": ["bop"], "epochs": 1, "sweeps": [
+      "threshold=1e-8,1e-6", "gamma=1e-4"]}))
+  base = ["--dataset", "digits", "--mlp-features", "16", "--seeds", "0",
+          "--batch-size", "64", "--no-progress", "--lrs", "0.01"]
+  assert _run(tmp_path / "a", "--config", str(cfg), "--no-checkpoint",
+              base=base) == 0
+  payload = json.loads((tmp_path / "a" / "results.json").read_text())
+  configs = payload["runs"][0]["configs"]
+  assert [(c["threshold"], c["gamma"]) for c in configs] == [
+      (1e-8, 1e-4), (1e-6, 1e-4)]
+  cfg.write_text(json.dumps({"sweeps": "gamma=0.5,x"}))
+  assert _run(tmp_path / "b", "--config", str(cfg)) == 2
