@@ -50,7 +50,8 @@ def test_counts_below_one_are_refused_before_any_work(flag, capsys):
   assert f"{flag}: expected an int >= 1, got '0'" in capsys.readouterr().err
 
 
-def test_memory_benchmark_prints_the_eight_rows_of_the_mlp(tmp_path, capsys):
+def test_memory_benchmark_prints_the_twelve_rows_of_the_mlp(tmp_path,
+                                                           capsys):
   from benchmarks import memory as memory_bench
   out = tmp_path / "memory.json"
   result = memory_bench.main(["--models", "mlp", "--batch", "8",
@@ -58,12 +59,17 @@ def test_memory_benchmark_prints_the_eight_rows_of_the_mlp(tmp_path, capsys):
   table = capsys.readouterr().out
   rows = [line for line in table.splitlines() if line.startswith("| mlp |")]
   assert [line.split(" | ")[1] for line in rows] == [
-      "FP-SGD", "BC-SGD", "SR-SGD", "R-SGD",
-      "FP-ADAM", "BC-ADAM", "SR-ADAM", "R-ADAM"]
+      "FP-SGD", "BC-SGD", "SBC-SGD", "SR-SGD", "R-SGD", "Bop-SGD",
+      "FP-ADAM", "BC-ADAM", "SBC-ADAM", "SR-ADAM", "R-ADAM", "Bop-ADAM"]
   assert json.loads(out.read_text())["rows"] == result["rows"]
   by_method = {r["method"]: r for r in result["rows"]}
   assert by_method["SR-SGD"]["params_ratio_to_fp"] < 1 / 20
   assert by_method["SR-ADAM"]["bits_per_quantized_weight"] == 1.0
+  assert by_method["Bop-ADAM"]["bits_per_quantized_weight"] == 1.0
+  # Bop's state: the codes, one float32 EMA per binary weight, Adam's
+  # moments for the float leaves only: less than SR-ADAM's two moments.
+  assert by_method["Bop-ADAM"]["total"] < by_method["SR-ADAM"]["total"]
+  assert by_method["SBC-ADAM"]["total"] == by_method["BC-ADAM"]["total"]
   assert all(r["step_temp"] > 0 for r in result["rows"])
 
 
