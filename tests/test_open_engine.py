@@ -77,7 +77,8 @@ def _codes_paths(params):
 
 def sr_half_factory(setup):
   """SR of half the base step."""
-  rule = qjax.stochastic_rounding(setup.grid, setup.key, setup.mask)
+  rule = setup.masked(qjax.stochastic_rounding(setup.grid, setup.key,
+                                               qjax.all_floats))
   tx = optax.chain(setup.base(), optax.scale(0.5), rule)
   return qjax.Method(setup.label, qjax.methods.identity_view,
                      qjax.skip_nonfinite(tx), setup.encode,

@@ -44,7 +44,8 @@ Example, a new method in a user's own file::
     @qjax.methods.register("sr_half", label="SR/2", eval_mode="stored grid "
                            "weights", stores="grid codes")
     def sr_half(setup):
-      rule = qjax.stochastic_rounding(setup.grid, setup.key, setup.mask)
+      rule = setup.masked(qjax.stochastic_rounding(
+          setup.grid, setup.key, qjax.all_floats))
       tx = optax.chain(setup.base(), optax.scale(0.5), rule)
       return qjax.Method("sr_half", qjax.methods.identity_view,
                          qjax.skip_nonfinite(tx), setup.encode, "stored "
@@ -182,6 +183,15 @@ class Setup:
     if isinstance(self.optimizer, str):
       return f"{self.name}-{self.optimizer}"
     return self.name
+
+  def masked(self, rule: optax.GradientTransformation
+             ) -> optax.GradientTransformationExtraArgs:
+    """``rule`` on the quantized leaves only, via ``optax.masked``.
+
+    Build ``rule`` with ``mask=qjax.all_floats`` (it acts on every leaf it
+    is given); the other leaves pass the base step through unchanged.
+    """
+    return transforms.masked(rule, self.mask)
 
   def encode(self, params: PyTree) -> PyTree:
     """Masked leaves as grid codes (nearest point): SR/R's projection.

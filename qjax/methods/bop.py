@@ -142,7 +142,8 @@ def make_bop(setup) -> Method:
     return jax.tree.map(lambda m: not m, _selected(mask, params))
 
   tx = optax.chain(optax.masked(setup.base(), others),
-                   bop(setup.hparams["threshold"], setup.hparams["gamma"],
-                       mask, setup.grid))
+                   setup.masked(bop(setup.hparams["threshold"],
+                                    setup.hparams["gamma"],
+                                    quantizers.all_floats, setup.grid)))
   return Method(setup.label, identity_view, transforms.skip_nonfinite(tx),
                 setup.encode, "stored grid weights")

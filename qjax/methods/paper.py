@@ -38,8 +38,9 @@ def bc_view(setup, quantizer=quantizers.round_nearest):
 
 def bc_tx(setup):
   """BC's chain: the base step, then the latent weights clipped."""
-  rule = transforms.latent_clipping(
-      setup.grid, setup.mask, bool(setup.hparams.get("scale_by_grid")))
+  rule = setup.masked(transforms.latent_clipping(
+      setup.grid, quantizers.all_floats,
+      bool(setup.hparams.get("scale_by_grid"))))
   return guarded(setup.base(), rule)
 
 
@@ -62,7 +63,8 @@ def bc(setup) -> Method:
           doc="stochastic rounding of every update onto the grid")
 def sr(setup) -> Method:
   """Stochastic rounding (Li et al. 2017, Eq. 3): ``w <- Q_s(w - a g)``."""
-  rule = transforms.stochastic_rounding(setup.grid, setup.key, setup.mask)
+  rule = setup.masked(transforms.stochastic_rounding(
+      setup.grid, setup.key, quantizers.all_floats))
   return Method(setup.label, identity_view, guarded(setup.base(), rule),
                 setup.encode, EVAL_STORED)
 
@@ -71,6 +73,7 @@ def sr(setup) -> Method:
           doc="deterministic rounding of every update onto the grid")
 def r(setup) -> Method:
   """Deterministic rounding (Li et al. 2017, Eq. 2): ``w <- Q_d(w - a g)``."""
-  rule = transforms.nearest_rounding(setup.grid, setup.mask)
+  rule = setup.masked(transforms.nearest_rounding(setup.grid,
+                                                  quantizers.all_floats))
   return Method(setup.label, identity_view, guarded(setup.base(), rule),
                 setup.encode, EVAL_STORED)
