@@ -6,6 +6,7 @@ checks that the benchmark still runs against the engine's current API.
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import sweep_throughput
@@ -83,3 +84,45 @@ def test_codes_step_benchmark_runs_and_compares(tmp_path, capsys):
   assert row["float_s"] > 0 and row["ratio"] > 0
   assert row["identical"] is True and row["matches_train_step"] is True
   assert "identical: True" in capsys.readouterr().out
+
+
+def test_step_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
+  from benchmarks import step_throughput
+  result = step_throughput.main(["--methods", "sr,fp", "--steps", "3",
+                                 "--repeats", "1", "--batch", "16",
+                                 "--features", "16", "--out",
+                                 str(tmp_path / "s.json")])
+  rows = {r["method"]: r for r in result["rows"]}
+  assert set(rows) == {"sr", "fp"}
+  for r in rows.values():
+    assert r["qjax_steps_per_s"] > 0
+    try:
+      import torch  # noqa: F401  pylint: disable=import-outside-toplevel
+    except ImportError:
+      assert r["torch_steps_per_s"] is None and r["ratio"] is None
+    else:
+      assert r["ratio"] == pytest.approx(
+          r["qjax_steps_per_s"] / r["torch_steps_per_s"])
+  assert "| sr-adam |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["fp", "bc", "sr", "r"])
+def test_torch_reference_is_the_method_it_claims(method):
+  """The PyTorch reference trains, and stores what the method stores."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_reference
+  ref = torch_reference.ReferenceStep(method, features=(32,), num_inputs=20,
+                                      lr=3e-3 if method != "r" else 0.5)
+  g = torch.Generator().manual_seed(0)
+  w = torch.randn((20, 10), generator=g)
+  x = torch.randn((64, 64, 20), generator=g)
+  y = (x @ w).argmax(-1)
+  losses = [float(ref.step(x[t % 64], y[t % 64])) for t in range(192)]
+  assert np.mean(losses[-16:]) < 0.8 * np.mean(losses[:16]), losses[::16]
+  for m, h in zip(ref.linears, ref.scales):
+    h = float(torch.tensor(h, dtype=torch.float32))  # the stored points
+    values = torch.unique(m.weight.detach())
+    if method in ("sr", "r"):
+      assert set(values.tolist()) <= {-h, h}
+    elif method == "bc":
+      assert float(values.abs().max()) <= h + 1e-7 and values.numel() > 2
