@@ -511,6 +511,22 @@ def resolve_mask(mask, params: PyTree, *, allow_empty: bool = False) -> PyTree:
   return resolved
 
 
+def resolve_mask_and_codes(mask, params: PyTree) -> tuple[PyTree, PyTree]:
+  """``(resolved mask, selected)``: ``selected`` adds every Codes leaf.
+
+  For update rules: a leaf stored as :class:`~qjax.Codes` is always acted
+  on (its update can only be a code step), whatever the mask says, so a mask
+  that selects no float leaf is accepted when there are codes.
+  """
+  is_codes = codes_lib.is_codes
+  has_codes = any(is_codes(p) for p in jax.tree.leaves(params,
+                                                       is_leaf=is_codes))
+  resolved = resolve_mask(mask, params, allow_empty=has_codes)
+  selected = jax.tree.map(lambda m, p: bool(m) or is_codes(p), resolved,
+                          params, is_leaf=is_codes)
+  return resolved, selected
+
+
 def resolve_grids(grid, params: PyTree, mask: PyTree) -> PyTree:
   """A tree like ``params`` holding each masked leaf's Grid (None elsewhere).
 

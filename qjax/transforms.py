@@ -121,14 +121,10 @@ def _rounding_update(updates, params, mask, grid, key, rule: str):
   """Shared body of SR and R on every masked (or :class:`Codes`) leaf."""
   is_codes = codes_lib.is_codes
   # Codes leaves are rounded whatever the mask says (their updates can only
-  # be code steps), so a mask that selects no float leaf is fine then.
-  has_codes = any(is_codes(p) for p in jax.tree.leaves(params,
-                                                       is_leaf=is_codes))
-  mask = quantizers.resolve_mask(mask, params, allow_empty=has_codes)
+  # be code steps); float leaves only where the mask selects them.
+  mask, selected = quantizers.resolve_mask_and_codes(mask, params)
   grids = (jax.tree.map(lambda _: None, params, is_leaf=is_codes)
            if grid is None else quantizers.resolve_grids(grid, params, mask))
-  selected = jax.tree.map(lambda m, p: bool(m) or is_codes(p), mask, params,
-                          is_leaf=is_codes)
 
   def round_leaf(k, p, g, u):
     shape = (tuple(p.batch_shape) + p.shape) if is_codes(p) else p.shape

@@ -32,6 +32,15 @@ def rng(seed):
   return np.random.default_rng(seed)
 
 
+@pytest.fixture(scope="session")
+def small_digits():
+  """The first 512 training examples of scikit-learn's 8x8 digits (all of
+  its test set): the engine tests' dataset, loaded once per session."""
+  from qjax import data
+  ds = data.load("digits")
+  return ds._replace(train_x=ds.train_x[:512], train_y=ds.train_y[:512])
+
+
 def pytest_report_header(config):
   return (f"jax {jax.__version__}, devices: {jax.devices()}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import qjax
-from qjax import data, models
+from qjax import models
 from qjax import grids as grids_lib
 from qjax import sweep as sweep_lib
 from qjax import train as train_lib
@@ -267,12 +267,6 @@ def test_bop_needs_params():
 # ----------------------------------------------------------------------------
 # Training through the sweep.
 # ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def small_digits():
-  ds = data.load("digits")
-  return ds._replace(train_x=ds.train_x[:512], train_y=ds.train_y[:512])
 
 
 def _model(width):

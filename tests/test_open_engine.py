@@ -37,12 +37,6 @@ CLI_BASE = ["--dataset", "digits", "--mlp-features", "16", "--seeds", "0",
             "--lrs", "0.01", "--epochs", "1", "--train-subset", "512"]
 
 
-@pytest.fixture(scope="module")
-def digits():
-  ds = data.load("digits")
-  return ds._replace(train_x=ds.train_x[:512], train_y=ds.train_y[:512])
-
-
 def _mlp(width):
   # Each test module's sweep uses its own width where it counts
   # compilations, so that the program cache holds only its program.
@@ -94,13 +88,13 @@ def sr_half(request):
   return "sr_half"
 
 
-def test_registered_method_trains_through_sweep(sr_half, digits):
+def test_registered_method_trains_through_sweep(sr_half, small_digits):
   """SR/2 at lr 2a is SR at lr a (halving is exact): the same codes."""
   model = _mlp(32)
-  half = sweep(model, digits, TrainConfig(method=sr_half, batch_size=32,
+  half = sweep(model, small_digits, TrainConfig(method=sr_half, batch_size=32,
                                           epochs=2),
                SweepSpec(seeds=(0,), lrs=(0.02,)), progress=False)
-  plain = sweep(model, digits, TrainConfig(method="sr", batch_size=32,
+  plain = sweep(model, small_digits, TrainConfig(method="sr", batch_size=32,
                                            epochs=2),
                 SweepSpec(seeds=(0,), lrs=(0.01,)), progress=False)
   error = half["history"][-1]["test_error"][0]
@@ -216,8 +210,8 @@ def test_import_of_a_missing_module_is_exit_2(tmp_path, capsys):
 # ----------------------------------------------------------------------------
 
 
-def test_sbc_learns_digits(digits):
-  out = sweep(_mlp(32), digits, TrainConfig(method="sbc", batch_size=32,
+def test_sbc_learns_digits(small_digits):
+  out = sweep(_mlp(32), small_digits, TrainConfig(method="sbc", batch_size=32,
                                             epochs=3),
               SweepSpec(seeds=(0,), lrs=(0.01,)), progress=False)
   error = out["history"][-1]["test_error"][0]
@@ -488,25 +482,25 @@ def test_bad_grid_in_config_and_command_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------
 
 
-def test_unknown_hparam_is_an_error_at_sweep_time(digits):
+def test_unknown_hparam_is_an_error_at_sweep_time(small_digits):
   config = TrainConfig(method="bop", batch_size=64)
   spec = SweepSpec(seeds=(0,), lrs=(1e-3,), hparams={"treshold": (1.0,)})
   with pytest.raises(ValueError, match=r"'bop' has no hyperparameter\(s\) "
                      r"\['treshold'\].*threshold"):
-    sweep(_mlp(16), digits, config, spec, progress=False)
+    sweep(_mlp(16), small_digits, config, spec, progress=False)
   # A method's own name is unknown to another method.
   with pytest.raises(ValueError, match="threshold"):
-    sweep(_mlp(16), digits, TrainConfig(method="sr", batch_size=64),
+    sweep(_mlp(16), small_digits, TrainConfig(method="sr", batch_size=64),
           SweepSpec(seeds=(0,), lrs=(1e-3,), hparams={"threshold": (1.0,)}),
           progress=False)
 
 
-def test_bool_option_cannot_be_swept(digits):
+def test_bool_option_cannot_be_swept(small_digits):
   assert not qjax.methods.sweepable("bc", "scale_by_grid")
   assert qjax.methods.sweepable("bop", "threshold")
   assert qjax.methods.sweepable("bc", "ste_clip")
   with pytest.raises(ValueError, match="static option"):
-    sweep(_mlp(16), digits, TrainConfig(method="bc", batch_size=64),
+    sweep(_mlp(16), small_digits, TrainConfig(method="bc", batch_size=64),
           SweepSpec(seeds=(0,), lrs=(1e-3,),
                     hparams={"scale_by_grid": (0.0, 1.0)}), progress=False)
 
@@ -558,9 +552,9 @@ NNX_NET = network_lib.from_nnx(lambda rngs: NNXNet(rngs))
 NNX_KERNELS = [("fc1", "kernel"), ("fc2", "kernel")]
 
 
-def test_nnx_mask_selects_exactly_the_kernels(digits):
+def test_nnx_mask_selects_exactly_the_kernels(small_digits):
   params, model_state = NNX_NET.init(jax.random.PRNGKey(0),
-                                     digits.train_x[:2])
+                                     small_digits.train_x[:2])
   mask = qjax.resolve_mask(qjax.all_kernels, params)
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
   selected = sorted(qjax.quantizers.path_names(p) for p, m in flat if m)
@@ -570,8 +564,8 @@ def test_nnx_mask_selects_exactly_the_kernels(digits):
 
 
 @pytest.mark.parametrize("method", ["sr", "bc"])
-def test_nnx_model_trains_through_sweep(method, digits):
-  out = sweep(NNX_NET, digits, TrainConfig(method=method, batch_size=32,
+def test_nnx_model_trains_through_sweep(method, small_digits):
+  out = sweep(NNX_NET, small_digits, TrainConfig(method=method, batch_size=32,
                                            epochs=2),
               SweepSpec(seeds=(0,), lrs=(0.01,)), progress=False)
   error = out["history"][-1]["test_error"][0]
@@ -607,11 +601,11 @@ class PlainMLP(nn.Module):
     return nn.Dense(10, name="out")(x)
 
 
-def test_linen_dropout_model_is_reproducible_and_seed_dependent(digits):
+def test_linen_dropout_model_is_reproducible_and_seed_dependent(small_digits):
   config = TrainConfig(method="sr", batch_size=32, epochs=2)
   spec = SweepSpec(seeds=(0, 1), lrs=(0.01,))
-  first = sweep(DropoutMLP(), digits, config, spec, progress=False)
-  second = sweep(DropoutMLP(), digits, config, spec, progress=False)
+  first = sweep(DropoutMLP(), small_digits, config, spec, progress=False)
+  second = sweep(DropoutMLP(), small_digits, config, spec, progress=False)
   assert all(e < 0.7 for e in first["history"][-1]["test_error"])
   assert _codes_paths(first["final_state"].params) == [
       ("Dense_0", "kernel"), ("Dense_1", "kernel")]
@@ -626,8 +620,8 @@ def test_linen_dropout_model_is_reproducible_and_seed_dependent(digits):
     assert not np.array_equal(np.asarray(x)[0], np.asarray(x)[1])
 
 
-def test_linen_model_without_train_argument_trains(digits):
-  out = sweep(PlainMLP(), digits, TrainConfig(method="fp", batch_size=32,
+def test_linen_model_without_train_argument_trains(small_digits):
+  out = sweep(PlainMLP(), small_digits, TrainConfig(method="fp", batch_size=32,
                                               epochs=2),
               SweepSpec(seeds=(0,), lrs=(0.01,)), progress=False)
   error = out["history"][-1]["test_error"][0]
@@ -718,13 +712,14 @@ class Linear(nn.Module):
     return nn.Dense(1)(x.reshape((x.shape[0], -1)))
 
 
-def test_regression_task_reports_a_decreasing_test_mse(digits):
+def test_regression_task_reports_a_decreasing_test_mse(small_digits):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(320, 8, 8, 1)).astype(np.float32)
   w = (rng.normal(size=64) / 8).astype(np.float32)
   y = (x.reshape(320, 64) @ w).astype(np.float32)
-  dataset = digits._replace(name="linear", train_x=x[:256], train_y=y[:256],
-                            test_x=x[256:], test_y=y[256:], num_classes=1)
+  dataset = small_digits._replace(
+      name="linear", train_x=x[:256], train_y=y[:256], test_x=x[256:],
+      test_y=y[256:], num_classes=1)
   out = sweep(Linear(), dataset, TrainConfig(method="fp", batch_size=32,
                                              epochs=3),
               SweepSpec(seeds=(0,), lrs=(0.03,)), task=train_lib.REGRESSION,

@@ -21,12 +21,6 @@ from qjax.train import TrainConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def small_digits():
-  ds = data.load("digits")
-  return ds._replace(train_x=ds.train_x[:512], train_y=ds.train_y[:512])
-
-
 def _model():
   return models.get("mlp", 10, features=(32,))
 

@@ -40,12 +40,7 @@ class BopState(NamedTuple):
 
 def _selected(mask, params):
   """The resolved mask, with every :class:`~qjax.Codes` leaf selected."""
-  is_codes = codes_lib.is_codes
-  has_codes = any(is_codes(p) for p in jax.tree.leaves(params,
-                                                       is_leaf=is_codes))
-  resolved = quantizers.resolve_mask(mask, params, allow_empty=has_codes)
-  return jax.tree.map(lambda m, p: bool(m) or is_codes(p), resolved, params,
-                      is_leaf=is_codes)
+  return quantizers.resolve_mask_and_codes(mask, params)[1]
 
 
 def _check_binary(p, grid=None):
