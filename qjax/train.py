@@ -117,15 +117,6 @@ def learning_rate_schedule(config: TrainConfig, base_lr) -> optax.Schedule:
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
-def scaled_glorot_grid(scale) -> Callable:
-  """Per-layer binary grid ``{-s H, +s H}``: ``s`` sweeps the grid's size Δ.
-
-  The grid is the static ``Grid.binary(H)`` times the (possibly traced)
-  scale ``s`` (:meth:`qjax.Grid.scaled`): stored points ``±fl32(fl32(H) s)``.
-  """
-  return grids_lib.parse("glorot").factory(scale)
-
-
 def config_grid(config: TrainConfig, hparams: dict) -> Callable:
   """The per-layer grid ``(path, leaf) -> Grid`` of ``config`` and hparams.
 

@@ -25,13 +25,20 @@ def fp(setup) -> Method:
                 transforms.skip_nonfinite(setup.base()), identity, "float")
 
 
-def bc_view(setup, quantizer=quantizers.round_nearest):
-  """BinaryConnect's forward view ``Q(w_r)`` with the (clipped) STE."""
+def bc_view(setup, stochastic: bool = False):
+  """BinaryConnect's forward view with the (clipped) STE.
+
+  ``Q_d(w_r)``; with ``stochastic``, ``Q_s(w_r)`` drawn from the view's key
+  when it is given (training) and ``Q_d(w_r)`` without one (evaluation).
+  """
   clip = setup.hparams.get("ste_clip")
 
   def view(params, key=None):
-    del key
-    return quantizers.quantize(params, quantizer, setup.mask,
+    if stochastic and key is not None:
+      return quantizers.quantize(params, quantizers.round_stochastic,
+                                 setup.mask, grid=setup.grid, key=key,
+                                 clip=clip)
+    return quantizers.quantize(params, quantizers.round_nearest, setup.mask,
                                grid=setup.grid, clip=clip)
   return view
 

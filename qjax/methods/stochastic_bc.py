@@ -10,7 +10,6 @@ the binary net one would deploy.
 
 from __future__ import annotations
 
-from qjax import quantizers
 from qjax.methods import Method
 from qjax.methods import register
 from qjax.methods import paper
@@ -24,14 +23,5 @@ EVAL_MODE = "deterministic-quantized latent"
 def stochastic_bc(setup) -> Method:
   """Stochastic BinaryConnect: ``Q_s(w_r)`` forward in training, ``Q_d`` in
   evaluation; BC's clipped latent update. Same options as ``bc``."""
-  deterministic = paper.bc_view(setup)
-
-  def view(params, key=None):
-    if key is None:
-      return deterministic(params)
-    return quantizers.quantize(params, quantizers.round_stochastic,
-                               setup.mask, grid=setup.grid, key=key,
-                               clip=setup.hparams.get("ste_clip"))
-
-  return Method(setup.label, view, paper.bc_tx(setup), setup.clip_latent,
-                EVAL_MODE)
+  return Method(setup.label, paper.bc_view(setup, stochastic=True),
+                paper.bc_tx(setup), setup.clip_latent, EVAL_MODE)
