@@ -279,6 +279,37 @@ def nearest_rounding(grid, mask=None) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _one_ulp(x: jax.Array, downwards: bool) -> jax.Array:
+  """``nextafter(x, -inf or +inf)`` for nonzero float32 ``x`` (zero kept),
+  by integer arithmetic on the bits (cheaper than ``jnp.nextafter``)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  smaller = (x > 0) if downwards else (x < 0)  # magnitude shrinks
+  bits = jnp.where(smaller, bits - jnp.uint32(1), bits + jnp.uint32(1))
+  return jnp.where(x == 0, x, jax.lax.bitcast_convert_type(bits, jnp.float32))
+
+
+def _clip_delta_f32(p, u, lo, hi):
+  """``δ`` with ``p + δ = clip(p + u, lo, hi)`` for float32 latents.
+
+  Unclipped entries take ``δ = u`` (``p + u`` is the value itself). A
+  clipped one starts from ``bound - p`` with two residual corrections (as
+  :func:`exact_delta`), then at most two one-ulp steps keep ``p + δ``
+  inside the bounds, so a latent never leaves ``[lo, hi]``. The
+  same stored latents as the general path with ``exact_delta`` up to
+  rounding ties at the bounds, at a quarter of its cost (no ``nextafter``:
+  0.90 ms against 0.23 ms for 784x512 on XLA:CPU).
+  """
+  s = p + u
+  q = jnp.clip(s, lo, hi)
+  delta = jnp.where(s > hi, hi - p, jnp.where(s < lo, lo - p, u))
+  for _ in range(2):
+    delta = jnp.where(p + delta == q, delta, delta + (q - (p + delta)))
+  for _ in range(2):
+    delta = jnp.where(p + delta > hi, _one_ulp(delta, True), delta)
+    delta = jnp.where(p + delta < lo, _one_ulp(delta, False), delta)
+  return jnp.where(jnp.isnan(s), s, delta)
+
+
 def latent_clipping(grid, mask=None, scale_by_grid: bool = False
                     ) -> optax.GradientTransformationExtraArgs:
   """BC update rule on float latent weights: ``w_r <- clip(w_r + s u)``.
@@ -309,6 +340,8 @@ def latent_clipping(grid, mask=None, scale_by_grid: bool = False
     u = jnp.asarray(u).astype(jnp.float32)
     if scale_by_grid:
       u = u / hi32
+    if p.dtype == jnp.float32:
+      return _clip_delta_f32(p, u, lo32, hi32)
     lo, hi = lo32.astype(p.dtype), hi32.astype(p.dtype)
     new = jnp.clip(p.astype(jnp.float32) + u, lo32, hi32)
     delta = exact_delta(p, new.astype(p.dtype))
@@ -347,12 +380,44 @@ class SkipNonFiniteState(NamedTuple):
   streak: jax.Array
 
 
-def _all_finite(tree) -> jax.Array:
+def finite(x) -> jax.Array:
+  """One bool: every entry of the float array ``x`` is finite.
+
+  ``sum(x * 0) == 0``: a product with zero is ``±0`` for a finite entry and
+  NaN for a NaN or an infinity, and a sum of zeros is exactly zero, so no
+  overflow can give a false alarm. One float reduction, fused with the
+  producer of ``x``; ``jnp.all(jnp.isfinite(x))`` writes a boolean array
+  and reduces it in a second pass (on XLA:CPU 0.151 ms against 0.089 ms
+  for 784x512 floats: the step benchmark in the README).
+  """
+  x = jnp.asarray(x)
+  return jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) == 0
+
+
+def all_finite(tree) -> jax.Array:
   """One bool: every floating-point entry of ``tree`` is finite."""
   ok = jnp.ones((), jnp.bool_)
   for leaf in jax.tree.leaves(tree):
     if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      ok = ok & jnp.all(jnp.isfinite(leaf))
+      ok = ok & finite(leaf)
+  return ok
+
+
+def _applied_finite(params, updates) -> jax.Array:
+  """One bool: ``updates`` are finite and so is every float parameter
+  ``optax.apply_updates(params, updates)`` would store."""
+  if params is None:
+    return all_finite(updates)
+  ok = jnp.ones((), jnp.bool_)
+  is_codes = codes_lib.is_codes
+  for p, u in zip(jax.tree.leaves(params, is_leaf=is_codes),
+                  jax.tree.leaves(updates, is_leaf=is_codes)):
+    if is_codes(u) or not jnp.issubdtype(jnp.result_type(u), jnp.inexact):
+      continue  # code steps are integers
+    if is_codes(p) or not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
+      ok = ok & finite(u)
+    else:  # p finite and p + u finite imply u finite
+      ok = ok & finite((p + u).astype(jnp.result_type(p)))
   return ok
 
 
@@ -361,7 +426,9 @@ def _stays_finite(old, new) -> jax.Array:
   ok = jnp.ones((), jnp.bool_)
   for o, n in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
     if jnp.issubdtype(jnp.result_type(n), jnp.inexact):
-      ok = ok & jnp.all(jnp.isfinite(n) | ~jnp.isfinite(o))
+      zero = jnp.zeros((), jnp.result_type(n))
+      ok = ok & (jnp.sum(jnp.where(jnp.isfinite(o), n * zero, zero),
+                         dtype=jnp.float32) == 0)
   return ok
 
 
@@ -381,8 +448,9 @@ def skip_nonfinite(inner: optax.GradientTransformation
   """Wraps ``inner`` so that a step with a NaN or inf is skipped entirely.
 
   Policy: a step is skipped when any incoming gradient entry, any entry of
-  ``inner``'s output updates, or any entry of its new state that was finite
-  before is NaN or ±inf. A skipped step emits zero updates (``-0.0``, so
+  ``inner``'s output updates, any float parameter that
+  ``optax.apply_updates`` would store (when ``params`` are passed), or any
+  entry of its new state that was finite before is NaN or ±inf. A skipped step emits zero updates (``-0.0``, so
   ``optax.apply_updates`` leaves every parameter bit for bit unchanged, and
   grid weights stay on the grid) and keeps ``inner``'s state exactly as it
   was (Adam's moments never absorb a NaN; SR's key is not advanced), with
@@ -411,7 +479,7 @@ def skip_nonfinite(inner: optax.GradientTransformation
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
-    ok = (_all_finite(updates) & _all_finite(new_updates)
+    ok = (all_finite(updates) & _applied_finite(params, new_updates)
           & _stays_finite(state.inner_state, new_inner))
     new_updates = jax.tree.map(lambda u: jnp.where(ok, u, _no_update(u)),
                                new_updates)

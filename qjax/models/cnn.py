@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 
 from qjax.models.mlp import (BN_MOMENTUM, PAD_1, batch_norm, conv_init,
-                             max_pool_2x2)
+                             dense, max_pool_2x2)
 
 
 class SmallCNN(nn.Module):
@@ -34,5 +34,5 @@ class SmallCNN(nn.Module):
       x = nn.relu(batch_norm(train)(x))
       x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(batch_norm(train)(nn.Dense(self.hidden)(x)))
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(batch_norm(train)(dense(self.hidden)(x)))
+    return dense(self.num_classes)(x)

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qjax.models.mlp import BN_MOMENTUM, PAD_1, batch_norm, conv_init
+from qjax.models.mlp import (BN_MOMENTUM, PAD_1, batch_norm, conv_init,
+                             dense)
 
 SHORTCUTS = ('A', 'B')
 
@@ -108,7 +109,7 @@ class CifarResNet(nn.Module):
             base * self.width, stride, self.shortcut,
             name=f'stage{stage + 1}_block{block}')(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return dense(self.num_classes)(x)
 
 
 class ResNet56(CifarResNet):
@@ -149,4 +150,4 @@ class ResNet18(nn.Module):
         x = BasicBlock(features, stride, self.shortcut,
                        name=f'stage{stage + 1}_block{block}')(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return dense(self.num_classes)(x)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 
 from qjax.models.mlp import (BN_MOMENTUM, PAD_1, batch_norm, conv_init,
-                             max_pool_2x2)
+                             dense, max_pool_2x2)
 
 POOL = 'M'
 
@@ -54,8 +54,8 @@ class VGG(nn.Module):
         x = nn.relu(batch_norm(train)(x))
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
-      x = nn.relu(batch_norm(train)(nn.Dense(width)(x)))
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(batch_norm(train)(dense(width)(x)))
+    return dense(self.num_classes)(x)
 
 
 class VGG9(VGG):
