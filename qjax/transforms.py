@@ -450,7 +450,8 @@ def skip_nonfinite(inner: optax.GradientTransformation
   Policy: a step is skipped when any incoming gradient entry, any entry of
   ``inner``'s output updates, any float parameter that
   ``optax.apply_updates`` would store (when ``params`` are passed), or any
-  entry of its new state that was finite before is NaN or ±inf. A skipped step emits zero updates (``-0.0``, so
+  entry of its new state that was finite before is NaN or ±inf. A skipped
+  step emits zero updates (``-0.0``, so
   ``optax.apply_updates`` leaves every parameter bit for bit unchanged, and
   grid weights stay on the grid) and keeps ``inner``'s state exactly as it
   was (Adam's moments never absorb a NaN; SR's key is not advanced), with
