@@ -332,32 +332,30 @@ def step(network, method: methods_lib.Method, state: TrainState,
       loss_fn, has_aux=True)(codes_lib.decode_tree(state.params))
   keep = lambda ok, new, old: jax.tree.map(
       lambda n, o: _select(ok, n, o), new, old)
-  if isinstance(state.opt_state, transforms.SkipNonFiniteState):
-    # The method's tx (qjax.skip_nonfinite, as every registered method's)
-    # already skips a step whose gradients, updates, new parameters or new
-    # optimizer state are not finite, leaving parameters and state bit for
-    # bit as they were. The step adds the loss and the model state: when
-    # they are not finite the gradients become NaN (a multiply fused into
-    # the optimizer), so the tx skips too. No second pass over parameters
-    # or optimizer state (it cost a quarter of the MLP step on CPU).
+  # The method's tx (qjax.skip_nonfinite, as every registered method's)
+  # already skips a step whose gradients, updates, new parameters or new
+  # optimizer state are not finite, leaving parameters and state bit for bit
+  # as they were. The step adds the loss and the model state: when they are
+  # not finite the gradients become NaN (a multiply fused into the
+  # optimizer), so the tx skips too, with no second pass over parameters or
+  # optimizer state (it cost a quarter of the MLP step on CPU). A hand-made
+  # Method whose tx does not skip is checked and selected here instead.
+  guarded = isinstance(state.opt_state, transforms.SkipNonFiniteState)
+  if guarded:
     forward_ok = transforms.all_finite((loss, new_model_state))
     poison = jnp.where(forward_ok, 1.0, jnp.nan)
     grads = jax.tree.map(lambda g: g * poison.astype(g.dtype)
                          if jnp.issubdtype(g.dtype, jnp.inexact) else g,
                          grads)
-    updates, opt_state = method.tx.update(grads, state.opt_state,
-                                          state.params)
-    params = optax.apply_updates(state.params, updates)
+  updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if guarded:
     finite = forward_ok & (opt_state.skipped == state.opt_state.skipped)
-    model_state = keep(finite, new_model_state, state.model_state)
-  else:  # a hand-made Method whose tx does not skip: check and select here
-    updates, opt_state = method.tx.update(grads, state.opt_state,
-                                          state.params)
-    params = optax.apply_updates(state.params, updates)
+  else:
     finite = transforms.all_finite((loss, grads, params, new_model_state))
     params = keep(finite, params, state.params)
-    model_state = keep(finite, new_model_state, state.model_state)
     opt_state = keep(finite, opt_state, state.opt_state)
+  model_state = keep(finite, new_model_state, state.model_state)
   streak = jnp.where(finite, 0, state.streak + 1)
   first = jnp.where((state.first_skipped < 0) & ~finite, state.step,
                     state.first_skipped)

@@ -41,6 +41,37 @@ def _state(method, optimizer, x):
   return config, hp, state
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_method_without_skip_nonfinite_is_guarded_by_the_step(bad,
+                                                                small_digits):
+  """The step's own check covers a hand-made Method whose tx does not skip
+  (plain optax.adam): the poisoned step changes nothing, bit for bit."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from qjax import methods as methods_lib  # pylint: disable=import-outside-toplevel
+  x, y = small_digits.train_x[:8], small_digits.train_y[:8]
+  tx = optax.adam(0.01)
+  method = methods_lib.Method("plain-adam", methods_lib.identity_view, tx,
+                              lambda p: p, "float")
+  network = _model()
+  params = network.init(jax.random.PRNGKey(0), x, train=False)
+  config, hp, base = _state("fp", "adam", x)
+  state = base.replace(params=params["params"],
+                       opt_state=tx.init(params["params"]))
+  step = jax.jit(lambda s, b: train_lib.step(network, method, s, b))
+  poisoned = x.copy()
+  poisoned[0, 0, 0, 0] = bad
+  after, metrics = step(state, (poisoned, y))
+  assert float(metrics["skipped"]) == 1.0 and int(after.skipped) == 1
+  for name in ("params", "batch_stats", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(after, name)),
+                    jax.tree.leaves(getattr(state, name))):
+      assert np.array_equal(a, b), name
+  good, metrics = step(after, (x, y))
+  assert float(metrics["skipped"]) == 0.0 and int(good.streak) == 0
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(good.params), jax.tree.leaves(after.params)))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("method", ["fp", "bc", "sr", "r"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
