@@ -6,6 +6,7 @@ BinaryConnect (BC), stochastic rounding (SR) and deterministic rounding (R).
 """
 
 from qjax import codes
+from qjax import formats
 from qjax import grid
 from qjax import grids
 from qjax import methods
@@ -13,6 +14,9 @@ from qjax import network
 from qjax.grid import Grid
 from qjax.grid import contains
 from qjax.codes import Codes
+from qjax.formats import FloatGrid
+from qjax.formats import apply_updates
+from qjax.formats import float32_moments
 from qjax.methods import Method
 from qjax.quantizers import all_floats
 from qjax.quantizers import all_kernels
@@ -44,17 +48,21 @@ __version__ = "0.2.0"
 
 __all__ = (
     "Codes",
+    "FloatGrid",
     "Grid",
     "Method",
     "SkipNonFiniteState",
     "StochasticRoundingState",
     "all_floats",
     "all_kernels",
+    "apply_updates",
     "codes",
     "contains",
     "conv_kernels",
     "decoded",
     "default_mask",
+    "float32_moments",
+    "formats",
     "glorot_binary_grid",
     "grid",
     "grids",

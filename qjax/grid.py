@@ -918,8 +918,14 @@ def contains(x, grid: Grid, dtype=None):
 
   Points as stored in ``dtype`` (default ``x``'s dtype), bit for bit: a
   value produced by a qjax quantizer or decoded from codes always passes.
+  For a :class:`qjax.FloatGrid`: is ``x`` a finite value of the format.
   """
   x = jnp.asarray(x)
+  from qjax import formats  # pylint: disable=import-outside-toplevel
+  if isinstance(grid, formats.FloatGrid):  # a finite value of the format
+    x32 = x.astype(jnp.float32)
+    points = formats.FormatPoints(grid, jnp.float32)
+    return (x32 * 0 == 0) & (points.value(points.nearest(x32)) == x32)
   dtype = check_dtype(dtype or x.dtype, "contains")
   points = Points(check_grid(grid, "contains"), dtype)
   q = points.value(points.nearest(as_float32(x, "contains")))

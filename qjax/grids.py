@@ -14,6 +14,9 @@ spec                     grid of every quantized layer
 ``uniform:D[:LO:HI]``    the points ``k D`` through 0, within ``[LO, HI]``
                          when given (stored as codes); unbounded otherwise
                          (stored as float32 values on the grid)
+``bf16``, ``f16``,       the finite values of a floating-point format
+``fp8_e4m3``,            (:class:`qjax.FloatGrid`), stored in that format;
+``fp8_e5m2``             no arguments, no scale rule, no ``grid_scale``
 =======================  ====================================================
 
 ``S`` defaults to 1. The rule ``@glorot`` multiplies the grid by each
@@ -35,13 +38,16 @@ import dataclasses
 from fractions import Fraction
 from typing import Callable
 
+from qjax import formats
 from qjax import quantizers
 from qjax.grid import Grid
 
-KINDS = ("glorot", "binary", "ternary", "kbit", "uniform")
+KINDS = ("glorot", "binary", "ternary", "kbit", "uniform") + tuple(
+    formats.FORMATS)
 RULES = ("glorot",)
 FORMS = ("glorot", "binary[:S]", "ternary[:S]", "kbit:B[:S]",
-         "uniform:D[:LO:HI]", "...@glorot")
+         "uniform:D[:LO:HI]", "...@glorot", "bf16", "f16", "fp8_e4m3",
+         "fp8_e5m2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +69,8 @@ class GridSpec:
 
   def grid(self, layer_scale=1) -> Grid:
     """The grid for a layer whose scale rule gives ``layer_scale``."""
+    if self.kind in formats.FORMATS:
+      return formats.FloatGrid(self.kind)
     s = Fraction(layer_scale) if not isinstance(layer_scale, Fraction) else (
         layer_scale)
     if self.kind == "glorot":
@@ -87,6 +95,9 @@ class GridSpec:
   def factory(self, scale=None) -> Callable:
     """``(path, leaf) -> Grid``, times the (possibly traced) ``scale``."""
     shared = None if self.per_layer else self.grid()
+
+    if scale is not None and self.kind in formats.FORMATS:
+      formats.FloatGrid(self.kind).scaled(scale)  # the error: no scale
 
     def grid(path, leaf):
       del path
@@ -135,11 +146,16 @@ def parse(text: str) -> GridSpec:
   if "@" in spec and rule not in RULES:
     raise _usage(spec, f"unknown scale rule {rule!r} (rules: {RULES})")
   kind, *raw = body.split(":")
-  kind = kind.lower()
+  kind = formats.ALIASES.get(kind.lower(), kind.lower())
   if kind not in KINDS:
     raise _usage(spec, f"unknown kind {kind!r}")
   rule = rule or None
-  if kind == "glorot":
+  if kind in formats.FORMATS:
+    if raw or rule:
+      raise _usage(spec, f"the float format {kind} takes no arguments and "
+                   "no scale rule (its values are the format's)")
+    result = GridSpec(kind)
+  elif kind == "glorot":
     if raw or rule:
       raise _usage(spec, "glorot takes no arguments (it is binary@glorot)")
     result = GridSpec("glorot")

@@ -21,7 +21,9 @@ import numpy as np
 from jax import lax
 
 from qjax import codes as codes_lib
+from qjax import formats
 from qjax import grid as grid_lib
+from qjax.formats import FloatGrid
 from qjax.grid import Grid
 
 Array = jax.Array
@@ -65,10 +67,14 @@ def round_nearest(x: ArrayLike, grid: Grid, dtype=None) -> Array:
 
   Args:
     x: floating-point array of any dtype.
-    grid: the :class:`~qjax.Grid` to round onto.
+    grid: the :class:`~qjax.Grid` to round onto, or a
+      :class:`~qjax.FloatGrid` (a floating-point format's finite values:
+      ties to even, beyond the largest value saturates, the value of
+      ``x.astype(format)`` inside the range; :mod:`qjax.formats`).
     dtype: storage dtype of the result (default ``x.dtype``; float32 for
-      float64 input). Pass it to round a float32 value straight onto a bf16
-      parameter's points without an intermediate (biasing) cast.
+      float64 input; the format's own dtype for a FloatGrid, or float32).
+      Pass it to round a float32 value straight onto a bf16 parameter's
+      points without an intermediate (biasing) cast.
 
   Returns:
     An array of ``x``'s shape and ``dtype`` whose entries are stored points.
@@ -78,6 +84,11 @@ def round_nearest(x: ArrayLike, grid: Grid, dtype=None) -> Array:
     Array([ 0.5, -1. ], dtype=float32)
   """
   x = _as_float(x, "round_nearest")
+  if isinstance(grid, FloatGrid):
+    points = formats.FormatPoints(grid, dtype)
+    x32 = jnp.asarray(x, jnp.float32)
+    q = points.stored(points.nearest(x32)).astype(points.dtype)
+    return jnp.where(jnp.isnan(x32), jnp.nan, q).astype(points.dtype)
   grid = grid_lib.check_grid(grid, "round_nearest")
   dtype = _storage_dtype(x, dtype, "round_nearest")
   x32 = grid_lib.as_float32(x, "round_nearest")
@@ -233,21 +244,36 @@ def round_stochastic(key: Array, x: ArrayLike, grid: Grid,
       the same key gives bit-identical results. For a batch of keys, use
       ``jax.vmap`` (see :func:`as_key`).
     x: floating-point array of any dtype.
-    grid: the :class:`~qjax.Grid` to round onto.
-    dtype: storage dtype of the result (default ``x.dtype``); the
-      probabilities are computed in float32 from ``x`` itself.
+    grid: the :class:`~qjax.Grid` to round onto, or a
+      :class:`~qjax.FloatGrid` (a floating-point format; exactly unbiased
+      on ``[-M, M]`` including binade boundaries and subnormals, beyond
+      that saturating; random bits used as in
+      :meth:`qjax.formats.FormatPoints.stochastic`).
+    dtype: storage dtype of the result (default ``x.dtype``; the format's
+      own dtype for a FloatGrid, or float32); the probabilities are
+      computed in float32 from ``x`` itself.
 
   Returns:
     An array of ``x``'s shape and ``dtype`` whose entries are stored points.
   """
   key = as_key(key, "round_stochastic", _VMAP_ROUNDING)
   x = _as_float(x, "round_stochastic")
+  if isinstance(grid, FloatGrid):
+    return _round_stochastic_format(key, x, grid, dtype)
   grid = grid_lib.check_grid(grid, "round_stochastic")
   dtype = _storage_dtype(x, dtype, "round_stochastic")
   x32 = grid_lib.as_float32(x, "round_stochastic")
   points = grid_lib.Points(grid, dtype)
   q = points.value(points.stochastic(random_bits(key, x.shape), x32))
   return jnp.where(jnp.isnan(x32), jnp.nan, q).astype(dtype)
+
+
+def _round_stochastic_format(key, x, grid: FloatGrid, dtype) -> Array:
+  points = formats.FormatPoints(grid, dtype)
+  x32 = jnp.asarray(x, jnp.float32)  # exact; float32 subnormals kept
+  k = points.stochastic(random_bits(key, x.shape), x32)
+  q = points.stored(k).astype(points.dtype)
+  return jnp.where(jnp.isnan(x32), jnp.nan, q).astype(points.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -536,7 +562,7 @@ def resolve_grids(grid, params: PyTree, mask: PyTree) -> PyTree:
     params: the parameter tree (arrays or shape structs).
     mask: a resolved boolean mask tree (see :func:`resolve_mask`).
   """
-  if isinstance(grid, Grid):
+  if isinstance(grid, (Grid, FloatGrid)):
     make = lambda path, leaf: grid
   elif callable(grid):
     make = grid
@@ -557,6 +583,9 @@ def glorot_binary_grid(path: tuple[str, ...], leaf) -> Grid:
 
 def grid_bounds(grid: Grid, dtype=jnp.float32) -> tuple[Array, Array]:
   """A bounded grid's lowest and highest stored points in ``dtype``."""
+  if isinstance(grid, FloatGrid):
+    dtype = formats.check_storage(grid, dtype, "grid_bounds")
+    return jnp.asarray(grid.lo, dtype), jnp.asarray(grid.hi, dtype)
   if not grid.bounded:
     raise ValueError(f"grid {grid} is unbounded: it has no end points.")
   points = grid_lib.Points(grid, dtype)

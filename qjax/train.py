@@ -24,6 +24,7 @@ from flax import struct
 
 from qjax import codes as codes_lib
 from qjax import diagnostics
+from qjax import formats
 from qjax import grid as grid_lib
 from qjax import grids as grids_lib
 from qjax import methods as methods_lib
@@ -164,13 +165,20 @@ def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:
   mask = quantizers.resolve_mask(MASKS[config.mask], params)
   grids = quantizers.resolve_grids(config_grid(config, hparams), params, mask)
   flat = jax.tree_util.tree_flatten_with_path(
-      grids, is_leaf=lambda g: g is None or isinstance(g, Grid))[0]
+      grids, is_leaf=lambda g: g is None or isinstance(
+          g, (Grid, formats.FloatGrid)))[0]
   out = {}
   for path, g in flat:
     if g is None:
       continue
     name = diagnostics.layer_name(quantizers.path_names(path))
-    if g.bounded:
+    if isinstance(g, formats.FloatGrid):
+      # No one spacing: 'relative_step' is the spacing within a binade
+      # relative to its lowest value (2**-m).
+      out[name] = {"lo": g.lo, "hi": g.hi, "step": None,
+                   "levels": g.levels, "format": g.name,
+                   "relative_step": g.relative_step}
+    elif g.bounded:
       v = np.asarray(grid_lib.Points(g, np.float32).v)
       out[name] = {"lo": float(v[0]), "hi": float(v[-1]),
                    "step": float(v[1] - v[0]), "levels": int(g.levels)}
@@ -300,7 +308,8 @@ def step(network, method: methods_lib.Method, state: TrainState,
   Computes the task's loss at ``method.view(decode_tree(params), key)``
   (the STE view for BC; the decoded codes for SR, R and Bop), then
   ``updates = method.tx.update(grads, opt_state, params)`` and
-  ``optax.apply_updates`` (exact for codes).
+  :func:`qjax.apply_updates` (``optax.apply_updates``, exact for codes, and
+  for fp8 weights too).
 
   Non-finite values: a step whose loss, gradients, new parameters or new
   model state are not all finite is skipped: parameters, optimizer state
@@ -327,9 +336,12 @@ def step(network, method: methods_lib.Method, state: TrainState,
     return task.loss(outputs, y), (new_model_state, task.metrics(outputs, y))
 
   # Gradients at the decoded weights; codes are decoded inside the step
-  # (fused by XLA), never kept as floats.
+  # (fused by XLA), never kept as floats. Weights stored in a narrow float
+  # format (bf16, fp8) are differentiated at their float32 values (exact),
+  # so their gradients are float32, not rounded to the format.
   (loss, (new_model_state, metrics)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(codes_lib.decode_tree(state.params))
+      loss_fn, has_aux=True)(formats.float32_view(
+          codes_lib.decode_tree(state.params)))
   keep = lambda ok, new, old: jax.tree.map(
       lambda n, o: _select(ok, n, o), new, old)
   # The method's tx (qjax.skip_nonfinite, as every registered method's)
@@ -348,7 +360,7 @@ def step(network, method: methods_lib.Method, state: TrainState,
                          if jnp.issubdtype(g.dtype, jnp.inexact) else g,
                          grads)
   updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = formats.apply_updates(state.params, updates)
   if guarded:
     finite = forward_ok & (opt_state.skipped == state.opt_state.skipped)
   else:
@@ -413,7 +425,8 @@ def evaluate_method(network, method: methods_lib.Method, state: TrainState,
   ``{"test_loss", "test_<metric>"...}``, every example weighted equally.
   """
   network = network_lib.as_network(network)
-  params = method.view(codes_lib.decode_tree(state.params))
+  params = method.view(formats.float32_view(
+      codes_lib.decode_tree(state.params)))
   model_state = evaluation_model_state(network, state)
   n = (x.shape[0] // batch_size) * batch_size
   xs = x[:n].reshape(-1, batch_size, *x.shape[1:])

@@ -39,8 +39,10 @@ import jax.numpy as jnp
 import optax
 
 from qjax import codes as codes_lib
+from qjax import formats
 from qjax import grid as grid_lib
 from qjax import quantizers
+from qjax.formats import FloatGrid
 from qjax.grid import Grid
 
 PyTree = Any
@@ -78,11 +80,12 @@ def _require_params(params, name: str) -> None:
 
 
 def _check_grid(grid, name: str) -> None:
-  if not (grid is None or isinstance(grid, Grid) or callable(grid)):
+  if not (grid is None or isinstance(grid, (Grid, FloatGrid))
+          or callable(grid)):
     raise TypeError(
-        f"{name}: grid must be a qjax.Grid, a callable (path, leaf) -> "
-        f"Grid, or None (parameters stored as codes carry their grid); got "
-        f"{grid!r}.")
+        f"{name}: grid must be a qjax.Grid, a qjax.FloatGrid, a callable "
+        f"(path, leaf) -> Grid, or None (parameters stored as codes carry "
+        f"their grid); got {grid!r}.")
 
 
 def _round_codes(p: codes_lib.Codes, u, bits, rule: str):
@@ -99,12 +102,49 @@ def _round_codes(p: codes_lib.Codes, u, bits, rule: str):
   return codes_lib.update(p, new)
 
 
+def _round_format(p, u, g: FloatGrid, bits, rule: str):
+  """Float32 δ with ``p + δ`` = the rule's result, ``p`` stored in ``g``.
+
+  ``p``'s bits are its index (:class:`qjax.formats.FormatPoints`); the new
+  index is the R or SR step from it. ``p32 + δ == q`` in float32 (so the
+  narrowing in :func:`qjax.apply_updates` is exact) whenever ``q - p`` is
+  a float32 number, i.e. unless the weight shrinks by more than ``2**(23 -
+  m)`` in one step (then ``p + δ`` is within half a float32 ulp of ``p``
+  of ``q``). A non-finite update gives NaN.
+  """
+  if p.dtype != g.dtype:
+    raise ValueError(
+        f"{'stochastic_rounding' if rule == 'sr' else 'nearest_rounding'}"
+        f"({g!r}) updates parameters stored in {g.dtype.name}; got a leaf "
+        f"of dtype {p.dtype} (shape {p.shape}). Store it in the format "
+        f"first: qjax.formats.cast(params, jnp.{g.dtype.name}) (no float32 "
+        "copy is kept), or use a qjax.Grid for float32 weights.")
+  points = formats.FormatPoints(g)
+  k = points.index(p)
+  u32 = jnp.asarray(u).astype(jnp.float32)
+  if rule == "sr":
+    k_new = points.step_stochastic(bits, k, u32)
+  else:
+    k_new = points.step_nearest(k, u32)
+  p32 = p.astype(jnp.float32)
+  delta = exact_delta(p32, points.value(k_new))
+  return jnp.where(finite_entries(u32), delta, jnp.nan)
+
+
+def finite_entries(x) -> jax.Array:
+  """Elementwise ``isfinite`` (``x * 0 == 0``, fused with its producer)."""
+  x = jnp.asarray(x)
+  return x * jnp.zeros((), x.dtype) == 0
+
+
 def _round_float(p, u, g, bits, rule: str):
   """δ with ``p + δ`` = the rule's result, for a float parameter ``p``.
 
   A ``p`` on one of the stored points moves as its code would; any other
   ``p`` is rounded from ``p + u`` (computed in float32).
   """
+  if isinstance(g, FloatGrid):
+    return _round_format(p, u, g, bits, rule)
   points = grid_lib.Points(g, p.dtype)
   p32 = grid_lib.as_float32(p, "rounding")
   u32 = jnp.asarray(u).astype(jnp.float32)
@@ -340,8 +380,11 @@ def latent_clipping(grid, mask=None, scale_by_grid: bool = False
   def clip_leaf(p, u, g):
     if not g.bounded:
       raise ValueError(f"latent_clipping: leaf grid {g} has no bounds.")
-    points = grid_lib.Points(g, p.dtype)
-    lo32, hi32 = points.v[0], points.v[-1]
+    if isinstance(g, FloatGrid):
+      lo32, hi32 = jnp.float32(g.lo), jnp.float32(g.hi)
+    else:
+      points = grid_lib.Points(g, p.dtype)
+      lo32, hi32 = points.v[0], points.v[-1]
     u = jnp.asarray(u).astype(jnp.float32)
     if scale_by_grid:
       u = u / hi32
@@ -422,7 +465,7 @@ def _applied_finite(params, updates) -> jax.Array:
     if is_codes(p) or not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
       ok = ok & finite(u)
     else:  # p finite and p + u finite imply u finite
-      ok = ok & finite((p + u).astype(jnp.result_type(p)))
+      ok = ok & finite(formats.apply_updates(p, u))
   return ok
 
 

@@ -62,8 +62,10 @@ import jax
 import optax
 
 from qjax import codes
+from qjax import formats
 from qjax import quantizers
 from qjax import transforms
+from qjax.formats import FloatGrid
 from qjax.grid import Grid
 
 PyTree = Any
@@ -173,9 +175,14 @@ class Setup:
   weight_decay: Any = None
 
   def base(self) -> optax.GradientTransformation:
-    """The base step ``u`` (Adam or SGD, with the weight decay if any)."""
-    return base_optimizer(self.optimizer, self.learning_rate,
-                          self.weight_decay)
+    """The base step ``u`` (Adam or SGD, with the weight decay if any).
+
+    Its state and arithmetic are float32 even for weights stored in a
+    narrower format (:func:`qjax.float32_moments`; the identity for
+    float32 weights and codes).
+    """
+    return formats.float32_moments(base_optimizer(
+        self.optimizer, self.learning_rate, self.weight_decay))
 
   @property
   def label(self) -> str:
@@ -197,14 +204,16 @@ class Setup:
     """Masked leaves as grid codes (nearest point): SR/R's projection.
 
     Leaves on an unbounded grid (no codes for them) stay float, rounded to
-    the nearest stored point.
+    the nearest stored point; leaves on a :class:`~qjax.FloatGrid` are
+    rounded to nearest and stored in the format (the value is the code).
     """
     mask = quantizers.resolve_mask(self.mask, params)
     grids = quantizers.resolve_grids(self.grid, params, mask)
-    bounded = jax.tree.map(lambda g: g if g is None or g.bounded else None,
+    as_codes = lambda g: isinstance(g, Grid) and g.bounded
+    bounded = jax.tree.map(lambda g: g if as_codes(g) else None,
                            grids, is_leaf=_is_grid_or_none)
     unbounded = jax.tree.map(
-        lambda g: g if g is not None and not g.bounded else None, grids,
+        lambda g: g if g is not None and not as_codes(g) else None, grids,
         is_leaf=_is_grid_or_none)
     params = quantizers.map_masked(
         lambda _, w, g: w if g is None else quantizers.round_nearest(w, g),
@@ -224,7 +233,7 @@ class Setup:
 
 
 def _is_grid_or_none(g) -> bool:
-  return g is None or isinstance(g, Grid)
+  return g is None or isinstance(g, (Grid, FloatGrid))
 
 
 def _present(grids: PyTree) -> PyTree:
