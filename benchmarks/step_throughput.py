@@ -45,11 +45,12 @@ METHODS = ("fp", "bc", "sr", "r")
 TARGET = 1.3  # qjax / PyTorch steps per second (the speed issue)
 
 
-def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float):
+def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
+                grid: str = "glorot"):
   """A callable running one compiled epoch of ``steps`` for one config."""
   model = models.get("mlp", 10, features=features)
   config = train_lib.TrainConfig(method=method, batch_size=batch, epochs=1,
-                                 steps_per_epoch=steps)
+                                 steps_per_epoch=steps, grid=grid)
   programs = sweep_lib.programs(model, config, sweep_lib.Strategy())
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((steps * batch, 28, 28, 1), np.float32))

@@ -106,6 +106,20 @@ def test_step_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
   assert "| sr-adam |" in capsys.readouterr().out
 
 
+def test_format_step_benchmark_compares_sr_with_r(tmp_path, capsys):
+  from benchmarks import format_step
+  result = format_step.main(["--formats", "fp8_e4m3", "--steps", "3",
+                             "--repeats", "1", "--batch", "16",
+                             "--features", "16", "--out",
+                             str(tmp_path / "f.json")])
+  (row,) = result["rows"]
+  assert row["format"] == "fp8_e4m3"
+  assert row["sr_over_r_time"] == pytest.approx(
+      row["r_steps_per_s"] / row["sr_steps_per_s"])
+  assert result["fp_steps_per_s"] > 0
+  assert "| fp8_e4m3 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("method", ["fp", "bc", "sr", "r"])
 def test_torch_reference_is_the_method_it_claims(method):
   """The PyTorch reference trains, and stores what the method stores."""

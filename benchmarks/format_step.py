@@ -1,0 +1,88 @@
+"""Step cost of SR and R with weights stored in a floating-point format.
+
+Claim checked (the float-format issue): on the CPU MLP benchmark, the SR
+step onto a format costs at most 1.15x the round-to-nearest (R) step onto
+the same format. Also printed: the float32 ADAM step (no rounding at all),
+so that the cost of storing the weights in the format is visible too.
+
+What is timed: the engine's own compiled epoch program for one config (as
+in :mod:`benchmarks.step_throughput`: ``--steps`` scanned steps of the
+784-``--features``-10 MLP with BatchNorm, batch ``--batch``, Adam), after
+a warm-up epoch that compiles, until ``jax.block_until_ready``. Rounds are
+interleaved across the configs and the fastest round of each counts (the
+machine's load drifts).
+
+Command: ``python -m benchmarks.format_step [--formats bf16,fp8_e4m3]
+[--steps 100] [--repeats 5] [--batch 128] [--features 512,512]
+[--out results/benchmarks/format_step.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks import step_throughput
+from experiments import common
+from qjax import formats
+from qjax import results as results_lib
+
+TARGET = 1.15  # SR step time / R step time, same format
+
+
+def _time(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--formats", type=common.name_list(
+      tuple(formats.FORMATS)), default="bf16,fp8_e4m3")
+  parser.add_argument("--steps", type=common.positive_int, default=100)
+  parser.add_argument("--repeats", type=common.positive_int, default=5)
+  parser.add_argument("--batch", type=common.positive_int, default=128)
+  parser.add_argument("--features", type=common.int_list(1, distinct=False),
+                      default="512,512")
+  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--out", default="results/benchmarks/format_step.json")
+  args = parser.parse_args(argv)
+  configs = [("fp", "glorot")] + [(m, f) for f in args.formats
+                                  for m in ("r", "sr")]
+  runs = {}
+  for method, grid in configs:
+    run = step_throughput._qjax_epoch(  # pylint: disable=protected-access
+        method, args.features, args.batch, args.steps, args.lr, grid)
+    run()  # compile and warm up
+    runs[(method, grid)] = run
+  times = {c: [] for c in configs}
+  for _ in range(args.repeats):  # interleaved rounds
+    for c in configs:
+      times[c].append(_time(runs[c]))
+  rate = {c: args.steps / min(t) for c, t in times.items()}
+  rows = []
+  lines = ["| format | R steps/s | SR steps/s | SR / R time | "
+           f"target <= {TARGET} |", "|---|---:|---:|---:|---|"]
+  for f in args.formats:
+    r, sr = rate[("r", f)], rate[("sr", f)]
+    ratio = r / sr
+    rows.append({"format": f, "r_steps_per_s": r, "sr_steps_per_s": sr,
+                 "sr_over_r_time": ratio,
+                 "r_round_s": times[("r", f)],
+                 "sr_round_s": times[("sr", f)]})
+    lines.append(f"| {f} | {r:.1f} | {sr:.1f} | {ratio:.3f} | "
+                 f"{'met' if ratio <= TARGET else 'not met'} |")
+  fp = rate[("fp", "glorot")]
+  lines.append(f"\nfloat32 ADAM (no rounding): {fp:.1f} steps/s")
+  table = "\n".join(lines)
+  print(table)
+  result = {"args": vars(args), "environment": results_lib.environment(),
+            "rows": rows, "fp_steps_per_s": fp,
+            "fp_round_s": times[("fp", "glorot")], "table": table}
+  results_lib.write_json(args.out, result)
+  return result
+
+
+if __name__ == "__main__":
+  main()
