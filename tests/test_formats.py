@@ -375,7 +375,7 @@ def test_apply_updates_matches_optax_where_optax_works():
     np.testing.assert_array_equal(np.asarray(ours[k]), np.asarray(theirs[k]))
 
 
-# -- grid texts and the engine --------------------------------------------------
+# -- grid texts and the engine -------------------------------------------------
 
 
 def test_grid_texts():
