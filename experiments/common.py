@@ -302,7 +302,8 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
 
 
 class ConfigError(ValueError):
-  """A ``--set`` that names no config key, or gives a value of another type."""
+  """A bad config value: a --set naming no key or of another type, or a
+  value the experiment itself refuses before training (e.g. a bad arm)."""
 
 
 def _parse_value(text: str):
@@ -509,6 +510,9 @@ def main(name: str, doc: str, config: Callable, run: Callable,
   except (UnsupportedExperimentError, data_lib.DatasetNotFoundError,
           data_lib.DatasetCorruptError) as err:
     print(f"error: {err}", file=sys.stderr)
+    return 2
+  except ConfigError as err:  # a config value the run itself refuses
+    print(f"python -m experiments.{name}: error: {err}", file=sys.stderr)
     return 2
   paths = plot(results, args.out)
   print(summary(results))
