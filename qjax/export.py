@@ -11,7 +11,7 @@ that file sizes are the stored bytes:
   stored points (``values[k]`` is exactly what :func:`qjax.codes.decode`
   gives for code ``k``; a scaled grid stacked over configs has one table per
   config, ``float32[*batch, levels]``), and ``scale`` for a scaled grid;
-* every other leaf as an array in its dtype (bfloat16 as float32, which
+* every other leaf as an array in its dtype (bfloat16 and fp8 as float32, which
   holds it exactly; :func:`load` casts it back);
 * ``meta.json``: the format and its version, how to decode (in words), and
   for each leaf in tree order its path, name (``"Dense_0/kernel"``), kind,
@@ -72,10 +72,16 @@ import ml_dtypes
 import numpy as np
 
 from qjax import codes as codes_lib
+from qjax import formats
 from qjax import methods as methods_lib
 from qjax import quantizers
 from qjax.grid import Grid
 from qjax.grid import Points
+
+# Float dtypes numpy cannot store in .npz; written as float32 (exactly).
+_ML_FLOATS_BY_NAME = {np.dtype(t).name: np.dtype(t) for t in (
+    ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
+_ML_FLOATS = tuple(_ML_FLOATS_BY_NAME.values())
 
 PyTree = Any
 
@@ -91,7 +97,8 @@ DECODE_IN_WORDS = (
     "byte j of the last axis, the last byte padded with zeros; otherwise "
     "data is uint8 or uint16 of shape batch_shape + shape. Reshape the "
     "decoded values to batch_shape + shape. Leaves of kind 'array' are "
-    "stored as they are (bfloat16 as float32, exactly).")
+    "stored as they are (bfloat16 and fp8 as float32, exactly; `dtype` "
+    "names the stored format).")
 
 
 def _method_name(method) -> str | None:
@@ -145,7 +152,10 @@ def _quantized_view(params, method, mask, grid):
   selected = treedef.flatten_up_to(masked)
   floats = [m and not codes_lib.is_codes(x) for x, m in zip(leaves, selected)]
   if grid is None:
-    if name in ("sr", "r") and any(floats):
+    # SR/R onto a float format store the rounded values themselves (bf16,
+    # f16, fp8): those leaves are the stored parameters, exported as they are.
+    if name in ("sr", "r") and any(
+        f and not _in_format(x) for x, f in zip(leaves, floats)):
       raise ValueError(
           f"export: method {name!r} stores its quantized weights as codes, "
           "but the mask selects float leaves; pass the stored parameters "
@@ -165,6 +175,15 @@ def _quantized_view(params, method, mask, grid):
       x = codes_lib.encode_nearest(x, g, dtype=_storage_dtype(x))
     out.append(x)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _in_format(x) -> bool:
+  """A leaf stored in a narrow float format (bf16, f16, fp8)."""
+  try:
+    formats.format_name(getattr(x, "dtype", None))
+  except (TypeError, ValueError):
+    return False
+  return True
 
 
 def _storage_dtype(x):
@@ -249,7 +268,7 @@ def export(path, params: PyTree, *, method=None, mask=None, grid=None) -> dict:
             "parameters only (or jax.random.key_data of the key).")
       value = np.asarray(jax.device_get(leaf))
       dtype_name = value.dtype.name
-      if value.dtype == ml_dtypes.bfloat16:
+      if value.dtype in _ML_FLOATS:  # bf16, fp8: not numpy types
         value = value.astype(np.float32)  # exact
       if value.dtype.kind not in "biuf":
         raise TypeError(
@@ -343,7 +362,8 @@ def load(path, target: PyTree | None = None) -> PyTree:
   Returns:
     The tree: :class:`qjax.codes.Codes` with the stored data, grid (exact
     offset and step, the scale if any), shape and dtype, and ``jax.Array``
-    leaves for the rest (bfloat16 leaves cast back from float32 exactly).
+    leaves for the rest (bfloat16 and fp8 leaves cast back from float32
+    exactly).
   """
   meta = read_meta(path)
   leaves = []
@@ -355,8 +375,8 @@ def load(path, target: PyTree | None = None) -> PyTree:
             tuple(entry["shape"]), entry["dtype"]))
       else:
         value = arrays[entry["array"]]
-        if entry["dtype"] == "bfloat16":
-          value = value.astype(ml_dtypes.bfloat16)
+        if entry["dtype"] in _ML_FLOATS_BY_NAME:
+          value = value.astype(_ML_FLOATS_BY_NAME[entry["dtype"]])
         leaves.append(jnp.asarray(value))
   if target is None:
     return _build(meta["leaves"], leaves)
