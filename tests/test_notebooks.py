@@ -37,7 +37,7 @@ def _check_kernel():
 def test_notebooks_found():
   names = {p.stem for p in NOTEBOOKS}
   expected = {"table1", "sign_flips", "batch_size", "convex_floors",
-              "markov_chain"}
+              "markov_chain", "float_formats"}
   assert expected <= names, f"missing notebooks: {sorted(expected - names)}"
 
 
