@@ -305,12 +305,15 @@ def statement(arms: list[dict]) -> dict:
 
 def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   """Every arm of every experiment; tables, statement, written to out_dir."""
-  for e in cfg["experiments"]:  # fail on a bad arm before any training
-    for arm in e["arms"]:
-      try:
-        parse_arm(arm)
-      except ValueError as err:
-        raise common.ConfigError(f"{e['name']}: {err}") from None
+  for e in cfg["experiments"]:  # fail on a bad value before any training
+    try:
+      if len(set(e["arms"])) != len(e["arms"]):
+        raise ValueError(f"arms {e['arms']} repeat an arm.")
+      sweep_lib.SweepSpec(seeds=tuple(e["seeds"]), lrs=tuple(e["lrs"]))
+      for arm in e["arms"]:
+        _train_config(e, *parse_arm(arm))
+    except (ValueError, TypeError) as err:
+      raise common.ConfigError(f"{e['name']}: {err}") from None
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
   t0 = time.time()

@@ -92,6 +92,23 @@ def test_bad_arms_are_refused(arm, match):
     ff.parse_arm(arm)
 
 
+@pytest.mark.parametrize("setting, match", [
+    ("lrs=[-0.01]", "distinct positive numbers"),
+    ("lrs=[0.01,0.01]", "repeated values"),
+    ("seeds=[]", "empty"),
+    ("epochs=0", "epochs must be an int >= 1"),
+    ('arms=["sr:bf16","sr:bf16"]', "repeat an arm"),
+    ('mask="nope"', "mask must be one of"),
+])
+def test_bad_values_fail_cleanly_before_training(tmp_path, capsys, setting,
+                                                 match):
+  rc = ff.main(["--scale", "smoke", "--out", str(tmp_path / "o"),
+                "--no-progress", "--set", setting])
+  err = capsys.readouterr().err
+  assert rc == 2 and match in err and "Traceback" not in err
+  assert not (tmp_path / "o").exists()
+
+
 def test_bad_arm_through_main_fails_before_training(tmp_path, capsys):
   rc = ff.main(["--scale", "smoke", "--out", str(tmp_path), "--no-progress",
                 "--set", 'arms=["fp","sr:glorot"]'])
