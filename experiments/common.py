@@ -306,6 +306,30 @@ class ConfigError(ValueError):
   value the experiment itself refuses before training (e.g. a bad arm)."""
 
 
+def check_values(cfg: dict) -> None:
+  """Refuses bad training values of every experiment before any training.
+
+  The keys the training experiments share, where present: ``seeds``,
+  ``lr``/``lrs``, ``batch_size``/``batch_sizes``, ``epochs``, ``mask``,
+  checked by the same constructors the run uses (``SweepSpec``,
+  ``TrainConfig``), so the message is theirs.
+
+  Raises:
+    ConfigError: naming the experiment and the value.
+  """
+  for e in cfg.get("experiments", []):
+    if "seeds" not in e:
+      continue
+    try:
+      lrs = e["lrs"] if "lrs" in e else [e["lr"]] if "lr" in e else [0.1]
+      sweep_lib.SweepSpec(seeds=tuple(e["seeds"]), lrs=tuple(lrs))
+      for b in e.get("batch_sizes", [e.get("batch_size", 128)]):
+        TrainConfig(batch_size=b, epochs=e.get("epochs", 1),
+                    mask=e.get("mask", "all"))
+    except (ValueError, TypeError) as err:
+      raise ConfigError(f"{e.get('name', '?')}: {err}") from None
+
+
 def _parse_value(text: str):
   try:
     return json.loads(text)
@@ -497,6 +521,11 @@ def main(name: str, doc: str, config: Callable, run: Callable,
   if args.show:
     print(json.dumps(cfg, indent=1))
     return 0
+  try:
+    check_values(cfg)
+  except ConfigError as err:
+    print(f"python -m experiments.{name}: error: {err}", file=sys.stderr)
+    return 2
   if args.only:
     try:
       cfg = select(cfg, [n for n in args.only.split(",") if n])

@@ -309,11 +309,11 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
     try:
       if len(set(e["arms"])) != len(e["arms"]):
         raise ValueError(f"arms {e['arms']} repeat an arm.")
-      sweep_lib.SweepSpec(seeds=tuple(e["seeds"]), lrs=tuple(e["lrs"]))
       for arm in e["arms"]:
         _train_config(e, *parse_arm(arm))
     except (ValueError, TypeError) as err:
       raise common.ConfigError(f"{e['name']}: {err}") from None
+  common.check_values(cfg)
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
   t0 = time.time()

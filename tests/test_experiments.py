@@ -363,3 +363,24 @@ def test_theory_smoke_through_main(module, tmp_path, capsys):
     assert pngs == ["markov_exact_vs_simulated.png", "markov_figure1.png",
                     "markov_limit_mixing.png", "markov_toy2d.png"]
     assert "chain" not in results["toy2d"]
+
+
+@pytest.mark.parametrize("module, setting, match", [
+    (table1, "lr=-0.01", "distinct positive numbers"),
+    (table1, "lr=0", "distinct positive numbers"),
+    (table1, "seeds=[]", "empty"),
+    (table1, "seeds=[0,0]", "repeated values"),
+    (sign_flips, "epochs=0", "epochs must be an int >= 1"),
+    (sign_flips, 'mask="nope"', "mask must be one of"),
+    (batch_size, "batch_sizes=[128,0]", "batch_size must be an int >= 1"),
+], ids=lambda v: getattr(v, "NAME", v))
+def test_bad_training_values_are_refused_before_run(module, setting, match,
+                                                    tmp_path, monkeypatch,
+                                                    capsys):
+  ran = []
+  monkeypatch.setattr(module, "run", lambda *a, **k: ran.append(1))
+  assert module.main(["--scale", "smoke", "--set", setting, "--out",
+                      str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert match in err and "Traceback" not in err
+  assert not ran and not (tmp_path / "o").exists()
