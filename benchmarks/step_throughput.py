@@ -20,6 +20,13 @@ interleaved and the fastest counts (the machine's load drifts). Without
 torch installed (``pip install torch``, the CPU wheel) the PyTorch columns
 are empty and the command says so.
 
+Achieved FLOP/s: the step's matrix-multiply work (:func:`mlp_step_flops`:
+forward, weight gradients and input gradients of every dense layer but the
+first; elementwise work not counted) times qjax's steps per second, next to
+the machine's measured float32 GEMM rate (:func:`measured_sgemm`: the best
+of numpy's BLAS and, when installed, PyTorch's, over the step's own matmul
+shapes and 1024^3), the practical limit, as a percentage.
+
 Command: ``python -m benchmarks.step_throughput [--methods fp,bc,sr,r]
 [--steps 100] [--repeats 3] [--batch 128] [--features 512,512]
 [--out results/benchmarks/step_throughput.json]``.
@@ -43,6 +50,80 @@ from qjax import train as train_lib
 
 METHODS = ("fp", "bc", "sr", "r")
 TARGET = 1.3  # qjax / PyTorch steps per second (the speed issue)
+
+
+INPUTS, CLASSES = 784, 10
+
+
+def mlp_step_flops(features, batch: int, inputs: int = INPUTS,
+                   classes: int = CLASSES) -> int:
+  """Multiply-add FLOPs (2 per multiply-add) of one MLP training step.
+
+  Per dense layer ``a -> b``: ``2 B a b`` forward, as much for the weight
+  gradient, and as much for the input gradient except in the first layer
+  (the data needs none).
+  """
+  widths = [inputs, *features, classes]
+  layers = list(zip(widths, widths[1:]))
+  return sum(2 * batch * a * b * (2 if i == 0 else 3)
+             for i, (a, b) in enumerate(layers))
+
+
+def _step_shapes(features, batch: int) -> list[tuple[int, int, int]]:
+  """(m, k, n) of the step's matmuls: forward, weight and input grads."""
+  widths = [INPUTS, *features, CLASSES]
+  shapes = []
+  for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    shapes += [(batch, a, b), (a, batch, b)] + ([(batch, b, a)] if i else [])
+  return shapes
+
+
+def _gemm_rate(matmul, m: int, k: int, n: int, repeats: int) -> float:
+  """Best FLOP/s of ``matmul(a, b)`` for float32 ``[m,k] x [k,n]``."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((m, k), dtype=np.float32)
+  b = rng.standard_normal((k, n), dtype=np.float32)
+  a, b, call = matmul(a, b)
+  call()  # warm up
+  reps = max(1, int(2e9 // (2 * m * k * n)))  # about 2 GFLOP a round
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      call()
+    best = min(best, (time.perf_counter() - t0) / reps)
+  return 2 * m * k * n / best
+
+
+def _numpy_matmul(a, b):
+  return a, b, lambda: np.matmul(a, b)
+
+
+def _torch_matmul(a, b):
+  import torch  # pylint: disable=import-outside-toplevel
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  return ta, tb, lambda: torch.mm(ta, tb)
+
+
+def measured_sgemm(features, batch: int, repeats: int = 3) -> dict:
+  """The machine's float32 GEMM rate: best over BLAS backends and shapes.
+
+  Returns ``{"flops": best FLOP/s, "backend": its name, "by_backend":
+  {name: {"m x k x n": FLOP/s}}}``.
+  """
+  backends = {"numpy": _numpy_matmul}
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    backends["torch"] = _torch_matmul
+  except ImportError:
+    pass
+  shapes = sorted(set(_step_shapes(features, batch)) | {(1024, 1024, 1024)})
+  by_backend = {name: {f"{m}x{k}x{n}": _gemm_rate(fn, m, k, n, repeats)
+                       for m, k, n in shapes}
+                for name, fn in backends.items()}
+  backend, rates = max(by_backend.items(), key=lambda kv: max(kv[1].values()))
+  return {"flops": max(rates.values()), "backend": backend,
+          "by_backend": by_backend}
 
 
 def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
@@ -108,8 +189,10 @@ def bench(method: str, args) -> dict:
       t_times += _fastest(torch_run, 1)
   q = args.steps / min(q_times)
   t = args.steps / min(t_times) if t_times else None
+  flops = mlp_step_flops(args.features, args.batch)
   row = {"method": method, "qjax_steps_per_s": q, "torch_steps_per_s": t,
          "ratio": None if t is None else q / t,
+         "step_flops": flops, "qjax_flops_per_s": q * flops,
          "qjax_round_s": q_times, "torch_round_s": t_times}
   print(f"  {method}: qjax {q:.1f} steps/s, torch "
         f"{'-' if t is None else f'{t:.1f}'} steps/s, ratio "
@@ -121,16 +204,28 @@ def _cell(value, fmt: str) -> str:
   return "-" if value is None else format(value, fmt)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], sgemm: dict | None = None) -> str:
+  """The per-method table; with ``sgemm``, achieved GFLOP/s and its share."""
   lines = ["| method | qjax steps/s | PyTorch steps/s | qjax / PyTorch | "
-           f"target >= {TARGET} |", "|---|---:|---:|---:|---|"]
+           f"target >= {TARGET} | qjax GFLOP/s | % of sgemm |",
+           "|---|---:|---:|---:|---|---:|---:|"]
   for r in rows:
     ratio = r["ratio"]
     verdict = "-" if ratio is None else ("met" if ratio >= TARGET
                                          else "not met")
+    share = (None if sgemm is None
+             else 100 * r["qjax_flops_per_s"] / sgemm["flops"])
     lines.append(f"| {r['method']}-adam | {r['qjax_steps_per_s']:.1f} | "
                  f"{_cell(r['torch_steps_per_s'], '.1f')} | "
-                 f"{_cell(ratio, '.2f')} | {verdict} |")
+                 f"{_cell(ratio, '.2f')} | {verdict} | "
+                 f"{r['qjax_flops_per_s'] / 1e9:.1f} | "
+                 f"{_cell(share, '.0f')} |")
+  if sgemm is not None:
+    lines.append(f"\nsgemm: {sgemm['flops'] / 1e9:.1f} GFLOP/s "
+                 f"({sgemm['backend']}, best of the step's matmul shapes "
+                 "and 1024^3); a step is "
+                 f"{rows[0]['step_flops'] / 1e6:.1f} MFLOP of matmuls."
+                 if rows else "")
   return "\n".join(lines)
 
 
@@ -148,13 +243,15 @@ def main(argv=None) -> dict:
                       default="results/benchmarks/step_throughput.json")
   args = parser.parse_args(argv)
   rows = [bench(m, args) for m in args.methods]
-  table = format_table(rows)
+  sgemm = measured_sgemm(args.features, args.batch, args.repeats)
+  table = format_table(rows, sgemm)
   print(table)
   if all(r["ratio"] is None for r in rows):
     print("torch is not installed: PyTorch columns empty (pip install torch)",
           file=sys.stderr)
   result = {"args": vars(args),
             "environment": results_lib.environment(), "rows": rows,
+            "sgemm": sgemm,
             "table": table}
   results_lib.write_json(args.out, result)
   return result

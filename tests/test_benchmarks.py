@@ -103,7 +103,24 @@ def test_step_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
     else:
       assert r["ratio"] == pytest.approx(
           r["qjax_steps_per_s"] / r["torch_steps_per_s"])
-  assert "| sr-adam |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| sr-adam |" in out and "% of sgemm" in out
+  sgemm = result["sgemm"]
+  assert sgemm["flops"] > 1e8 and "numpy" in sgemm["by_backend"]
+  assert "1024x1024x1024" in sgemm["by_backend"]["numpy"]
+  assert rows["fp"]["qjax_flops_per_s"] == pytest.approx(
+      rows["fp"]["qjax_steps_per_s"] * rows["fp"]["step_flops"])
+
+
+def test_mlp_step_flops_by_hand():
+  from benchmarks import step_throughput
+  # 784-512-512-10, batch 128: forward 2*128*(401408 + 262144 + 5120) =
+  # 171,180,032; weight gradients as much; input gradients of the last two
+  # layers 2*128*(262144 + 5120) = 68,419,584.
+  assert step_throughput.mlp_step_flops((512, 512), 128) == 410_779_648
+  # One layer 4 -> 3 (features=()), batch 2: forward 2*2*4*3 = 48, weight
+  # gradient 48, no input gradient.
+  assert step_throughput.mlp_step_flops((), 2, inputs=4, classes=3) == 96
 
 
 def test_format_step_benchmark_compares_sr_with_r(tmp_path, capsys):
