@@ -32,6 +32,17 @@ def rng(seed):
   return np.random.default_rng(seed)
 
 
+@pytest.fixture(scope="module")
+def fast_compile():
+  """Smoke runs are compile-bound on CPU: skip XLA's optimizations for a
+  module (``pytestmark = pytest.mark.usefixtures("fast_compile")``)."""
+  import jax
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="session")
 def small_digits():
   """The first 512 training examples of scikit-learn's 8x8 digits (all of

@@ -22,13 +22,7 @@ KEY = {table1: "seeds=[3]", sign_flips: "epochs=3", batch_size: "seeds=[3]",
        convex_floors: "seeds=[3]", markov_chain: "num_chains=10"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Smoke runs are compile-bound on CPU: skip XLA's optimizations here."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(autouse=True)

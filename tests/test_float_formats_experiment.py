@@ -3,7 +3,6 @@
 import json
 import os
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -12,12 +11,7 @@ from experiments import common
 from experiments import float_formats as ff
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(autouse=True)
