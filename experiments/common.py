@@ -30,6 +30,7 @@ from qjax import methods as methods_lib
 from qjax import models
 from qjax import results as results_lib
 from qjax import sweep as sweep_lib
+from qjax import train as train_lib
 from qjax.train import TrainConfig
 
 SCALES = ("smoke", "cpu", "paper")
@@ -131,10 +132,13 @@ def _load(name: str) -> data_lib.Dataset:
 
 def load_dataset(name: str, train_subset: int | None = None,
                  test_subset: int | None = None,
-                 normalize: bool = False) -> data_lib.Dataset:
+                 normalize: bool = False,
+                 downsample: int = 1) -> data_lib.Dataset:
   """Loads ``name`` (read once per process), optionally subset, normalized.
 
   ``train_subset`` / ``test_subset`` keep the first N examples of a split.
+  ``downsample`` averages ``k x k`` pixel blocks (28x28 MNIST at 2: 14x14),
+  dropping trailing rows and columns that do not fill a block.
   ``normalize`` standardizes each channel with the training set's mean and
   std, as for CIFAR in the paper.
   """
@@ -145,11 +149,24 @@ def load_dataset(name: str, train_subset: int | None = None,
   if test_subset:
     ds = ds._replace(test_x=ds.test_x[:test_subset],
                      test_y=ds.test_y[:test_subset])
+  if downsample != 1:
+    if not isinstance(downsample, int) or downsample < 1:
+      raise ValueError(f"downsample must be an int >= 1; got {downsample!r}.")
+    ds = ds._replace(train_x=_block_mean(ds.train_x, downsample),
+                     test_x=_block_mean(ds.test_x, downsample))
   if normalize:
     mean, std = data_lib.channel_stats(ds.train_x)
     ds = ds._replace(train_x=data_lib.normalize(ds.train_x, mean, std),
                      test_x=data_lib.normalize(ds.test_x, mean, std))
   return ds
+
+
+def _block_mean(x: np.ndarray, k: int) -> np.ndarray:
+  n, h, w, c = x.shape
+  if h < k or w < k:
+    raise ValueError(f"downsample={k} is larger than the {h}x{w} images.")
+  x = np.asarray(x[:, :h // k * k, :w // k * k], np.float32)
+  return x.reshape(n, h // k, k, w // k, k, c).mean(axis=(2, 4))
 
 
 def build_model(exp: dict, num_classes: int):
@@ -160,13 +177,21 @@ def build_model(exp: dict, num_classes: int):
 
 def train_method(exp: dict, method: str, *, batch_size: int, label: str,
                  progress: bool = False) -> dict:
-  """Trains every seed of ``exp`` with ``method``; a JSON-able record.
+  """Trains every seed (and every lr of ``exp["lrs"]``) with ``method``.
+
+  ``exp["lrs"]`` (a list) sweeps the learning rate in the same program as
+  the seeds; otherwise ``exp["lr"]`` is the one lr. ``exp["validation"]``
+  (a count or fraction) holds out the last training examples, evaluated
+  every epoch (``val_error``), for choosing the lr without the test set.
 
   Returns:
     ``{"label", "method", "batch_size", "steps_per_epoch", "steps",
-    "seeds", "lr", "eval_mode", "test_error" (final, per seed), "history"
-    (per epoch: test_error, train_loss, sign_flips per layer, per seed),
-    "seconds"}``.
+    "seeds", "lr", "lrs", "eval_mode", "test_error" (final, per seed, at
+    the first lr), "history" (per epoch, per seed, at the first lr:
+    test_error, train_loss, sign_flips per layer, val_error with
+    validation), "by_lr" (per lr: the same as test_error/history), "grids"
+    (each quantized layer's grid), "alpha_over_delta" (per lr: {layer: lr /
+    spacing}), "seconds"}``.
   """
   ds = dataset_for(exp)
   model = build_model(exp, ds.num_classes)
@@ -176,36 +201,67 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
                        epochs=exp["epochs"],
                        lr_decay_epochs=tuple(exp.get("lr_decay_epochs", ())),
                        augment=exp.get("augment", False))
+  lrs = [float(v) for v in exp.get("lrs", [exp.get("lr")])]
   # The engine picks the execution (for a convnet on XLA:CPU: one unbatched
-  # program per seed, called config after config; qjax.sweep.choose_strategy).
+  # program per config, called config after config;
+  # qjax.sweep.choose_strategy).
   t0 = time.time()
-  outs = [sweep_lib.sweep(model, ds, config,
-                          sweep_lib.SweepSpec(seeds=tuple(exp["seeds"]),
-                                              lrs=(exp["lr"],)),
-                          model_name=exp["model"], progress=progress)]
-  out = outs[0]
+  out = sweep_lib.sweep(model, ds, config,
+                        sweep_lib.SweepSpec(seeds=tuple(exp["seeds"]),
+                                            lrs=tuple(lrs)),
+                        model_name=exp["model"], progress=progress,
+                        validation=exp.get("validation"))
   steps_per_epoch = out["train_config"]["steps_per_epoch"]
-  history = [_merge_epoch([o["history"][e] for o in outs])
-             for e in range(exp["epochs"])]
+  by_lr = []
+  for lr in lrs:
+    rows = [i for i, c in enumerate(out["configs"]) if c["lr"] == lr]
+    history = [_epoch_of(record, rows) for record in out["history"]]
+    by_lr.append({"lr": lr, "test_error": history[-1]["test_error"],
+                  "history": history})
+  grids = _layer_grids(config, out)
   return {
       "label": label, "method": method, "batch_size": batch_size,
       "steps_per_epoch": steps_per_epoch,
       "steps": steps_per_epoch * exp["epochs"],
-      "seeds": list(exp["seeds"]), "lr": exp["lr"],
+      "seeds": list(exp["seeds"]), "lr": lrs[0], "lrs": lrs,
       "eval_mode": methods_lib.get(method).eval_mode,
       "strategy": out["strategy"],
-      "test_error": history[-1]["test_error"], "history": history,
+      "test_error": by_lr[0]["test_error"], "history": by_lr[0]["history"],
+      "by_lr": by_lr, "grids": grids,
+      "alpha_over_delta": [train_lib.alpha_over_delta(grids, lr)
+                           for lr in lrs],
       "seconds": time.time() - t0,
   }
 
 
-def _merge_epoch(records: list[dict]) -> dict:
-  """One epoch's record over groups of seeds, per-seed lists concatenated."""
-  cat = lambda key: sum((r[key] for r in records), [])
-  return {"epoch": records[0]["epoch"], "test_error": cat("test_error"),
-          "train_loss": cat("train_loss"),
-          "sign_flips": {k: sum((r["sign_flips"][k] for r in records), [])
-                         for k in records[0]["sign_flips"]}}
+def _epoch_of(record: dict, rows: list[int]) -> dict:
+  """One epoch record of the sweep restricted to configs ``rows``."""
+  pick = lambda v: [v[i] for i in rows]
+  out = {"epoch": record["epoch"], "test_error": pick(record["test_error"]),
+         "train_loss": pick(record["train_loss"]),
+         "sign_flips": {k: pick(v) for k, v in record["sign_flips"].items()}}
+  if "val_error" in record:
+    out["val_error"] = pick(record["val_error"])
+  return out
+
+
+def _layer_grids(config: TrainConfig, out: dict) -> dict:
+  """Each quantized layer's grid, from the first config's final parameters
+  (the grid spec does not depend on the seed or the lr)."""
+  import jax
+  hp = {k: v for k, v in out["configs"][0].items() if k != "seed"}
+  params = jax.tree.map(lambda v: v[0], out["final_state"].params)
+  return train_lib.layer_grids(config, params, hp)
+
+
+def alpha_over_delta_text(record: dict, lr_index: int = 0) -> str:
+  """α/Δ of ``record``'s quantized layers at one lr, as a short text:
+  one value when all layers share it, else its range over the layers."""
+  values = list(record["alpha_over_delta"][lr_index].values())
+  if not values:
+    return "-"
+  lo, hi = min(values), max(values)
+  return f"{lo:.2g}" if hi <= lo * 1.0001 else f"{lo:.2g}-{hi:.2g}"
 
 
 def dataset_for(exp: dict):
@@ -214,7 +270,8 @@ def dataset_for(exp: dict):
     return data_lib.tfds_stream(exp["dataset"], split=STREAMING[exp["dataset"]],
                                 preprocess=imagenet_preprocess)
   return load_dataset(exp["dataset"], exp.get("train_subset"),
-                      exp.get("test_subset"), exp.get("normalize", False))
+                      exp.get("test_subset"), exp.get("normalize", False),
+                      exp.get("downsample", 1))
 
 
 def describe(exp: dict) -> dict:
@@ -223,8 +280,12 @@ def describe(exp: dict) -> dict:
   if sweep_lib.is_streaming(ds):
     return {"train_examples": int(ds.num_train), "test_examples": None,
             "num_classes": int(ds.num_classes), "streamed": True}
-  return {"train_examples": int(ds.train_x.shape[0]),
+  held_out, _ = sweep_lib.split_validation(ds, exp.get("validation"))
+  return {"train_examples": int(held_out.train_x.shape[0]),
+          "validation_examples": int(ds.train_x.shape[0]
+                                     - held_out.train_x.shape[0]),
           "test_examples": int(ds.test_x.shape[0]),
+          "image_shape": list(ds.train_x.shape[1:]),
           "num_classes": int(ds.num_classes)}
 
 

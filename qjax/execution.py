@@ -50,7 +50,8 @@ class Strategy:
                        f"got {self.configs!r}.")
 
 
-CONV_MODELS = ("cnn", "vgg9", "vgg_bc", "resnet56", "wrn56_2", "resnet18")
+CONV_MODELS = ("cnn", "allconv", "vgg9", "vgg_bc", "resnet56", "wrn56_2",
+               "resnet18")
 
 
 def choose_strategy(params_or_name, backend: str | None = None) -> Strategy:

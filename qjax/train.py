@@ -189,6 +189,26 @@ def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:
   return out
 
 
+def alpha_over_delta(grids: dict, lr: float) -> dict:
+  """``{layer: α/Δ}``: the learning rate over each quantized layer's spacing.
+
+  The paper's regime: an Adam step is about ``α`` whatever the gradient's
+  scale, so ``α/Δ`` says how far one step moves a weight in grid cells (R
+  never moves a weight when it is below 1/2; SR moves it with probability
+  about ``α/Δ``). ``grids`` is :func:`layer_grids`' output; for a float
+  format ``Δ`` is its relative spacing ``2**-m`` (α relative to the weight's
+  magnitude). Layers with no spacing are left out.
+
+  Example: the paper's ``±1`` (Δ = 2) at lr 0.01 gives 0.005.
+  """
+  out = {}
+  for name, g in grids.items():
+    step = g.get("step") or g.get("relative_step")
+    if step:
+      out[name] = float(lr) / float(step)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """The loss and the metrics a run trains and reports.

@@ -58,15 +58,37 @@ def _check_outputs(out_dir, results, pngs, files):
 def test_table1_smoke(tmp_path):
   results = table1.run(table1.config("smoke"), out_dir=str(tmp_path))
   (exp,) = results["experiments"]
-  assert [r["label"] for r in exp["rows"]] == [
-      "ADAM", "BC-ADAM", "Big SR-ADAM", "SR-ADAM", "R-ADAM"]
-  big, small = exp["rows"][2], exp["rows"][3]
-  assert big["batch_size"] > small["batch_size"]
+  rows = {r["label"]: r for r in exp["rows"]}
+  assert list(rows) == ["ADAM", "BC-ADAM", "Big SR-ADAM",
+                        "Big SR-ADAM (same steps)", "SR-ADAM", "R-ADAM"]
+  big, same, small = (rows["Big SR-ADAM"], rows["Big SR-ADAM (same steps)"],
+                      rows["SR-ADAM"])
+  assert big["batch_size"] == same["batch_size"] > small["batch_size"]
   assert big["steps"] < small["steps"]
-  assert all(len(r["test_error"]) == 2 for r in exp["rows"])
+  # Same steps: 4x the epochs at batch 256 against 64, at Big SR's lr.
+  assert same["epochs"] == 4 * exp["config"]["epochs"]
+  assert same["steps"] == 4 * big["steps"] and same["lrs"] == [big["best_lr"]]
+  for r in exp["rows"]:
+    assert len(r["test_error"]) == 2
+    # Chosen on validation: the lr with the lowest mean final val error.
+    if len(r["lrs"]) > 1:
+      val = [sum(b["history"][-1]["val_error"]) for b in r["by_lr"]]
+      assert r["best_lr"] == r["lrs"][val.index(min(val))]
+      assert r["test_error"] == r["by_lr"][r["best_index"]]["test_error"]
+    # α/Δ of every conv kernel (mask conv) on ±1 (Δ = 2), computed by hand.
+    for lr, a in zip(r["lrs"], r["alpha_over_delta"]):
+      if r["method"] == "fp":
+        assert a == {}
+      else:
+        assert set(a) == {"Conv_0/kernel", "Conv_1/kernel"}
+        assert all(v == pytest.approx(lr / 2) for v in a.values())
   assert exp["ordering"]["text"].startswith(("holds", "does not hold"))
-  assert "digits/mlp" in results["table_md"]
+  assert "digits/allconv" in results["table_md"]
+  assert "α/Δ 0.015" in results["table_md"]
+  assert exp["data"]["validation_examples"] == 297
   pngs = table1.plot(results, str(tmp_path))
+  assert [os.path.basename(p) for p in pngs] == ["table1_errors.png",
+                                                  "table1_curves.png"]
   _check_outputs(tmp_path, results, pngs,
                  ["results.json", "table.md", "table.csv"])
 
@@ -105,7 +127,10 @@ def test_table1_paper_config():
                        "imagenet2012/resnet18"}
   for name, e in exps.items():
     assert e["mask"] == "conv" and e["optimizer"] == "adam"
-    assert e["lr"] == 0.01
+    # The paper's regime: ±1 weights (Δ = 2) at Adam lr 0.01, α/Δ = 0.005.
+    assert e["lrs"] == [0.01] and e["grid"] == "binary"
+    assert grids.parse(e["grid"]).grid(1).step == 2
+    assert not e["big_same_steps"] and e["validation"] is None
     assert (e["batch_size"], e["big_batch_size"]) == (128, 1024)
     assert e["runtime"] and e["command"]
     if name.startswith("cifar"):
@@ -116,7 +141,8 @@ def test_table1_paper_config():
   assert (imagenet["lr_decay_epochs"], imagenet["epochs"]) == ([30, 60], 90)
   rows = {r["label"]: r for r in cfg["rows"]}
   assert rows["Big SR-ADAM"] == {"label": "Big SR-ADAM", "method": "sr",
-                                 "big_batch": True}
+                                 "big_batch": True, "same_steps": False}
+  assert rows["Big SR-ADAM (same steps)"]["same_steps"]
   assert not rows["SR-ADAM"]["big_batch"]
 
 
@@ -132,17 +158,26 @@ def test_other_paper_configs(module):
 def test_cpu_configs():
   cfg = table1.config("cpu")
   names = [e["name"] for e in cfg["experiments"]]
-  assert names == ["mnist/mlp", "fashion_mnist/mlp", "mnist/cnn"]
+  assert names == ["mnist/allconv", "fashion_mnist/allconv"]
   for e in cfg["experiments"]:
-    assert e["lr"] == 0.001
-    assert len(e["seeds"]) >= (2 if e["model"] == "mlp" else 1)
-  assert "0.01" in table1.__doc__ and "thrash" in table1.__doc__
+    assert len(e["lrs"]) >= 4 and len(e["seeds"]) >= 3
+    assert e["validation"] and e["big_same_steps"] and e["grid"] == "binary"
+    assert min(e["lrs"]) / 2 < 0.005 < max(e["lrs"]) / 2  # brackets α/Δ
+    assert e["lr_decay_epochs"] == table1.scaled_decays(e["epochs"])
+    model = common.build_model(e, 10)
+    x = jax.ShapeDtypeStruct((1, 14, 14, 1), jax.numpy.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
+                                                 train=False), x)["params"]
+    leaves = jax.tree.leaves(params)
+    conv = sum(v.size for v in leaves if v.ndim == 4)
+    assert conv / sum(v.size for v in leaves) >= 0.9
+  assert "0.005" in table1.__doc__ and "±1" in table1.__doc__
   for module in MODULES + THEORY:
     for scale in common.SCALES:
       assert module.config(scale)["scale"] == scale
     with pytest.raises(ValueError, match="scale must be one of"):
       module.config("huge")
-  for module in MODULES:
+  for module in (sign_flips, batch_size):
     for scale in common.SCALES:
       assert all(e["grid"] == "glorot"
                  for e in module.config(scale)["experiments"])
@@ -152,34 +187,69 @@ def test_cpu_configs():
     assert module.config("smoke")["name"] == module.NAME
 
 
-def _summ(**means):
-  return {k.replace("_", "-").replace("Big-", "Big "): {"mean": v, "std": 0.1}
-          for k, v in means.items()}
+def _errors(**per_seed):
+  return {k.replace("_", "-").replace("Big-", "Big "): v
+          for k, v in per_seed.items()}
+
+
+def test_scaled_decays_are_the_papers_fractions():
+  assert table1.scaled_decays(160) == [82, 122]
+  assert table1.scaled_decays(6) == [3, 5]
+  assert table1.scaled_decays(1) == []
+
+
+def test_paired_differences_by_hand():
+  # d = [1, 2, 3]: mean 2, se = 1 / sqrt(3) = 0.577; 2 > 2 se: holds.
+  out = table1.paired([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
+  assert out["mean"] == pytest.approx(2.0)
+  assert out["se"] == pytest.approx(3 ** -0.5)
+  assert out["verdict"] == "holds"
+  assert table1.paired([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])["verdict"] == (
+      "reversed")
+  # d = [1, -1, 1.5]: mean 0.5, se 0.76: within 2 se.
+  assert table1.paired([0.0, 0.0, 0.0], [1.0, -1.0, 1.5])["verdict"] == (
+      "not resolved")
 
 
 def test_ordering_holds():
-  out = table1.ordering(_summ(ADAM=1.0, BC_ADAM=2.0, Big_SR_ADAM=3.0,
-                              SR_ADAM=4.0, R_ADAM=30.0))
-  assert out["holds"] and out["r_worst"]
+  out = table1.ordering(_errors(ADAM=[1.0, 1.1, 0.9], BC_ADAM=[2.0, 2.2, 2.1],
+                                Big_SR_ADAM=[3.0, 3.1, 3.3],
+                                SR_ADAM=[4.0, 4.4, 4.2],
+                                R_ADAM=[30.0, 31.0, 29.0]))
+  assert out["holds"] and all(p["verdict"] == "holds" for p in out["r_worst"])
   assert out["text"].startswith("holds")
 
 
-def test_ordering_broken_pairs_and_worst():
-  out = table1.ordering(_summ(ADAM=1.0, BC_ADAM=2.0, Big_SR_ADAM=5.0,
-                              SR_ADAM=4.0, R_ADAM=4.5))
-  assert not out["holds"] and not out["r_worst"]
-  assert [p["holds"] for p in out["pairs"]] == [True, True, False]
-  assert "Big SR-ADAM (5.00) >= SR-ADAM (4.00)" in out["text"]
-  assert "R-ADAM (4.50) is not worse than Big SR-ADAM (5.00)" in out["text"]
+def test_ordering_reports_reversed_and_unresolved_pairs():
+  out = table1.ordering(_errors(ADAM=[1.0, 1.1, 0.9], BC_ADAM=[1.2, 0.9, 1.0],
+                                Big_SR_ADAM=[5.0, 5.2, 5.1],
+                                SR_ADAM=[4.0, 4.1, 4.0],
+                                R_ADAM=[30.0, 31.0, 29.0]))
+  assert not out["holds"]
+  assert [p["verdict"] for p in out["pairs"]] == [
+      "not resolved", "holds", "reversed"]
+  assert "Big SR-ADAM < SR-ADAM: -1.07 ± 0.03 pp (reversed)" in out["text"]
 
 
-def test_ordering_flags_differences_within_noise():
-  summaries = _summ(ADAM=1.0, BC_ADAM=1.05, Big_SR_ADAM=3.0, SR_ADAM=4.0,
-                    R_ADAM=30.0)
-  out = table1.ordering(summaries)
-  assert out["holds"]
-  assert [p["within_noise"] for p in out["pairs"]] == [True, False, False]
-  assert "within one std: ADAM/BC-ADAM" in out["text"]
+def test_table1_chooses_the_lr_on_validation_not_test():
+  hist = lambda val, test: [{"val_error": val, "test_error": test}]
+  record = {"alpha_over_delta": [{"a": 0.05}, {"a": 0.005}], "by_lr": [
+      {"lr": 0.1, "test_error": [0.01, 0.01], "history": hist([.3, .3],
+                                                              [.01, .01])},
+      {"lr": 0.01, "test_error": [0.2, 0.2], "history": hist([.1, .1],
+                                                             [.2, .2])}]}
+  chosen = table1._choose(record)
+  assert chosen["best_lr"] == 0.01 and chosen["test_error"] == [0.2, 0.2]
+  assert chosen["alpha_over_delta_best"] == {"a": 0.005}
+
+
+def test_several_lrs_without_validation_are_refused(tmp_path, capsys):
+  assert table1.main(["--scale", "paper", "--only", "cifar10/vgg9", "--set",
+                      "lrs=[0.03,0.01]", "--out", str(tmp_path / "o"),
+                      "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "needs a validation split" in err and "Traceback" not in err
+  assert not (tmp_path / "o").exists()
 
 
 def test_batch_size_statement():
@@ -263,7 +333,7 @@ def test_set_overrides_reach_the_run(tmp_path, capsys):
   assert table1.main(["--scale", "smoke", "--set", "epochs=1", "--set",
                       "seeds=[0]", "--out", str(tmp_path),
                       "--no-progress"]) == 0
-  assert "digits/mlp" in capsys.readouterr().out
+  assert "digits/allconv" in capsys.readouterr().out
   with open(tmp_path / "results.json") as f:
     (exp,) = json.load(f)["experiments"]
   assert exp["config"]["seeds"] == [0] and exp["config"]["epochs"] == 1
@@ -288,7 +358,7 @@ def test_set_wrong_type_is_refused(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(convex_floors, "run", _no_run)
   assert table1.main(["--scale", "smoke", "--set", "epochs=1.5", "--out",
                       str(tmp_path)]) == 2
-  assert "--set epochs=1.5: expected a value like 1" in (
+  assert "--set epochs=1.5: expected a value like 2" in (
       capsys.readouterr().err)
   assert convex_floors.main(["--scale", "smoke", "--set", "logistic=3",
                              "--out", str(tmp_path)]) == 2
@@ -360,8 +430,9 @@ def test_theory_smoke_through_main(module, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module, setting, match", [
-    (table1, "lr=-0.01", "distinct positive numbers"),
-    (table1, "lr=0", "distinct positive numbers"),
+    (table1, "lrs=[-0.01]", "distinct positive numbers"),
+    (table1, "lrs=[0.01,0]", "distinct positive numbers"),
+    (table1, "lrs=[0.01,0.01]", "repeated values"),
     (table1, "seeds=[]", "empty"),
     (table1, "seeds=[0,0]", "repeated values"),
     (sign_flips, "epochs=0", "epochs must be an int >= 1"),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import qjax.models
+from qjax.models import AllConv
 from qjax.models import CifarResNet
 from qjax.models import MLP
 from qjax.models import ResNet18
@@ -21,8 +22,10 @@ from qjax.models import param_count
 CIFAR = (2, 32, 32, 3)
 IMAGENET = (2, 224, 224, 3)
 MNIST = (2, 28, 28, 1)
-NAMES = ('mlp', 'cnn', 'vgg9', 'vgg_bc', 'resnet56', 'wrn56_2', 'resnet18')
-INPUT_SHAPES = {'mlp': MNIST, 'cnn': MNIST, 'resnet18': IMAGENET}
+NAMES = ('mlp', 'cnn', 'allconv', 'vgg9', 'vgg_bc', 'resnet56', 'wrn56_2',
+         'resnet18')
+INPUT_SHAPES = {'mlp': MNIST, 'cnn': MNIST, 'allconv': MNIST,
+                'resnet18': IMAGENET}
 
 
 def _abstract_variables(model, shape):
@@ -128,6 +131,7 @@ def test_resnet18_logits_shape_at_imagenet_resolution():
 @pytest.mark.parametrize('name, n_conv, n_dense', [
     ('mlp', 0, 4),
     ('cnn', 2, 2),
+    ('allconv', 5, 1),
     ('vgg9', 7, 2),
     ('vgg_bc', 6, 3),
     ('resnet56', 55, 1),
@@ -330,3 +334,42 @@ def test_debiasing_accepts_frozen_dicts():
   np.testing.assert_allclose(out['BatchNorm_0']['mean'], 0.5 / (1 - 0.9**5),
                              rtol=1e-6)
   np.testing.assert_allclose(out['BatchNorm_0']['var'], 1.0, rtol=1e-6)
+
+
+def _allconv_count(widths, c_in=1, num_classes=10):
+  """Biased 3x3 convs with BN, then global average pooling and a Dense."""
+  total = 0
+  for width in widths:
+    total += _conv(c_in, width, bias=True) + _bn(width)
+    c_in = width
+  return total + _dense(c_in, num_classes)
+
+
+@pytest.mark.parametrize('spec, shape', [
+    ((32, 32, 'M', 64, 64, 'M', 128), MNIST),      # the default
+    ((16, 'M', 32, 'M', 64), (2, 14, 14, 1)),      # Table 1 at CPU scale
+    ((16, 'M', 32, 'M', 64), (2, 8, 8, 1)),        # the 8x8 digits
+])
+def test_allconv_conv_kernels_are_over_90_percent_of_its_parameters(spec,
+                                                                    shape):
+  widths = [w for w in spec if w != 'M']
+  model = AllConv(conv_spec=spec)
+  params = _abstract_variables(model, shape)['params']
+  assert param_count(params) == _allconv_count(widths)
+  conv = sum(_conv(c_in, c_out) for c_in, c_out in zip([1] + widths, widths))
+  kernels = [leaf for path, leaf in
+             jax.tree_util.tree_flatten_with_path(params)[0]
+             if path[-1].key == 'kernel' and leaf.ndim == 4]
+  assert sum(int(np.prod(k.shape)) for k in kernels) == conv
+  assert conv / param_count(params) >= 0.9
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  variables = _abstract_variables(model, shape)
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                          variables, x)
+  assert logits.shape == (2, 10)
+
+
+def test_allconv_default_count_is_as_documented():
+  assert _allconv_count((32, 32, 64, 64, 128)) == 140_778
+  assert sum(_conv(a, b) for a, b in zip((1, 32, 32, 64, 64),
+                                         (32, 32, 64, 64, 128))) == 138_528

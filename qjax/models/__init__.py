@@ -20,6 +20,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 
+from qjax.models.allconv import AllConv
 from qjax.models.cnn import SmallCNN
 from qjax.models.mlp import MLP
 from qjax.models.mlp import debiased_batch_stats
@@ -32,6 +33,7 @@ from qjax.models.vgg import VGG9
 from qjax.models.vgg import VGGBC
 
 __all__ = [
+    'AllConv',
     'CifarResNet',
     'MLP',
     'ResNet18',
@@ -50,6 +52,7 @@ __all__ = [
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     'mlp': MLP,
     'cnn': SmallCNN,
+    'allconv': AllConv,
     'vgg9': VGG9,
     'vgg_bc': VGGBC,
     'resnet56': ResNet56,
@@ -65,8 +68,8 @@ def get(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds the model registered as ``name`` with ``num_classes`` outputs.
 
   Args:
-    name: one of 'mlp', 'cnn', 'vgg9', 'vgg_bc', 'resnet56', 'wrn56_2',
-      'resnet18'.
+    name: one of 'mlp', 'cnn', 'allconv', 'vgg9', 'vgg_bc', 'resnet56',
+      'wrn56_2', 'resnet18'.
     num_classes: number of output logits.
     **kwargs: further attributes of the model class (e.g. ``features`` for
       'mlp').
