@@ -27,6 +27,7 @@ import numpy as np
 
 from qjax import data as data_lib
 from qjax import methods as methods_lib
+from qjax import memory as memory_lib
 from qjax import models
 from qjax import results as results_lib
 from qjax import sweep as sweep_lib
@@ -191,7 +192,8 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
     test_error, train_loss, sign_flips per layer, val_error with
     validation), "by_lr" (per lr: the same as test_error/history), "grids"
     (each quantized layer's grid), "alpha_over_delta" (per lr: {layer: lr /
-    spacing}), "seconds"}``.
+    spacing}), "state_bytes" and "param_bytes" (one config's train state
+    and parameters, :func:`qjax.memory_report`), "seconds"}``.
   """
   ds = dataset_for(exp)
   model = build_model(exp, ds.num_classes)
@@ -219,6 +221,7 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
     by_lr.append({"lr": lr, "test_error": history[-1]["test_error"],
                   "history": history})
   grids = _layer_grids(config, out)
+  memory = memory_lib.memory_report(out["final_state"])
   return {
       "label": label, "method": method, "batch_size": batch_size,
       "steps_per_epoch": steps_per_epoch,
@@ -230,8 +233,42 @@ def train_method(exp: dict, method: str, *, batch_size: int, label: str,
       "by_lr": by_lr, "grids": grids,
       "alpha_over_delta": [train_lib.alpha_over_delta(grids, lr)
                            for lr in lrs],
+      "state_bytes": int(memory["total"]),
+      "param_bytes": int(memory["params"]),
       "seconds": time.time() - t0,
   }
+
+
+def _summaries_by_lr(record: dict, key: str) -> list[dict]:
+  return [error_summary(r["history"][-1][key]) for r in record["by_lr"]]
+
+
+def choose_lr(record: dict) -> dict:
+  """``record`` (from :func:`train_method`) with its lr chosen on validation.
+
+  The lr with the lowest mean final validation error over the seeds (the
+  test set is not looked at); with one lr, that lr. Adds ``best_lr``,
+  ``best_index``, the chosen lr's ``test_error`` and ``history``,
+  ``val_by_lr`` and ``test_by_lr`` (summaries per lr), ``val_curve`` (the
+  chosen lr's mean validation error per epoch, %) and
+  ``alpha_over_delta_best``.
+  """
+  if len(record["by_lr"]) == 1:
+    best = 0
+  else:
+    val = [s["mean"] for s in _summaries_by_lr(record, "val_error")]
+    best = int(np.argmin(val))
+  chosen = record["by_lr"][best]
+  val_curve = ([float(np.mean(h["val_error"])) * 100
+                for h in chosen["history"]]
+               if "val_error" in chosen["history"][0] else None)
+  return {**record, "best_lr": chosen["lr"], "best_index": best,
+          "test_error": chosen["test_error"], "history": chosen["history"],
+          "val_by_lr": (_summaries_by_lr(record, "val_error")
+                        if val_curve else None),
+          "test_by_lr": _summaries_by_lr(record, "test_error"),
+          "val_curve": val_curve,
+          "alpha_over_delta_best": record["alpha_over_delta"][best]}
 
 
 def _epoch_of(record: dict, rows: list[int]) -> dict:

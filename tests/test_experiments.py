@@ -162,7 +162,7 @@ def test_cpu_configs():
   for e in cfg["experiments"]:
     assert len(e["lrs"]) >= 4 and len(e["seeds"]) >= 3
     assert e["validation"] and e["big_same_steps"] and e["grid"] == "binary"
-    assert min(e["lrs"]) / 2 < 0.005 < max(e["lrs"]) / 2  # brackets α/Δ
+    assert min(e["lrs"]) / 2 <= 0.005 < max(e["lrs"]) / 2  # from α/Δ 0.005 up
     assert e["lr_decay_epochs"] == table1.scaled_decays(e["epochs"])
     model = common.build_model(e, 10)
     x = jax.ShapeDtypeStruct((1, 14, 14, 1), jax.numpy.float32)
@@ -238,7 +238,7 @@ def test_table1_chooses_the_lr_on_validation_not_test():
                                                               [.01, .01])},
       {"lr": 0.01, "test_error": [0.2, 0.2], "history": hist([.1, .1],
                                                              [.2, .2])}]}
-  chosen = table1._choose(record)
+  chosen = common.choose_lr(record)
   assert chosen["best_lr"] == 0.01 and chosen["test_error"] == [0.2, 0.2]
   assert chosen["alpha_over_delta_best"] == {"a": 0.005}
 
