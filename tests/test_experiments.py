@@ -9,16 +9,17 @@ import jax
 import pytest
 
 from benchmarks import sweep_throughput
-from experiments import batch_size, common, sign_flips, table1
+from experiments import batch_size, bit_width, common, sign_flips, table1
 from experiments import convex_floors, markov_chain
 from experiments import train as train_command
 from qjax import grids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = (table1, sign_flips, batch_size)
+MODULES = (table1, sign_flips, batch_size, bit_width)
 THEORY = (convex_floors, markov_chain)
 # A --set per module: a key in its (smoke) config and a new value for it.
 KEY = {table1: "seeds=[3]", sign_flips: "epochs=3", batch_size: "seeds=[3]",
+       bit_width: "seeds=[3]",
        convex_floors: "seeds=[3]", markov_chain: "num_chains=10"}
 
 
@@ -97,8 +98,11 @@ def test_sign_flips_smoke(tmp_path):
   results = sign_flips.run(sign_flips.config("smoke"), out_dir=str(tmp_path))
   (exp,) = results["experiments"]
   assert set(exp["final"]) == {"R-ADAM", "SR-ADAM", "BC-ADAM"}
-  curve = exp["curves"]["SR-ADAM"]["Dense_0/kernel"]["mean"]
+  # Conv kernels only (mask conv), on ±1 at lr 0.01: α/Δ 0.005.
+  assert set(exp["curves"]["SR-ADAM"]) == {"Conv_0/kernel", "Conv_1/kernel"}
+  curve = exp["curves"]["SR-ADAM"]["Conv_0/kernel"]["mean"]
   assert len(curve) == 2 and all(0 <= v <= 100 for v in curve)
+  assert "| 0.005 |" in results["table_md"]
   pngs = sign_flips.plot(results, str(tmp_path))
   _check_outputs(tmp_path, results, pngs,
                  ["results.json", "table.md", "flips.csv"])
@@ -114,8 +118,9 @@ def test_batch_size_smoke_through_main(tmp_path, capsys):
   assert [(r["method"], r["batch_size"]) for r in rows] == [
       ("SR-ADAM", 32), ("SR-ADAM", 128), ("BC-ADAM", 32), ("BC-ADAM", 128)]
   assert rows[0]["steps"] > rows[1]["steps"]
+  assert all(r["alpha_over_delta"] == "0.005" for r in rows)
   _check_outputs(tmp_path, results,
-                 [str(tmp_path / "batch_size_digits_mlp.png")],
+                 [str(tmp_path / "batch_size_digits_allconv.png")],
                  ["results.json", "table.md", "table.csv"])
 
 
@@ -177,9 +182,10 @@ def test_cpu_configs():
       assert module.config(scale)["scale"] == scale
     with pytest.raises(ValueError, match="scale must be one of"):
       module.config("huge")
-  for module in (sign_flips, batch_size):
+  for module in (sign_flips, batch_size):  # the paper's α/Δ: ±1 at lr 0.01
     for scale in common.SCALES:
-      assert all(e["grid"] == "glorot"
+      assert all(e["grid"] == "binary" and e["lr"] == 0.01
+                 and e["model"] in ("allconv", "vgg9")
                  for e in module.config(scale)["experiments"])
   for module in THEORY:  # numerical experiments: paper scale = cpu scale
     assert module.config("paper") == {**module.config("cpu"),
@@ -293,7 +299,8 @@ def test_select_rejects_unknown_names():
 
 
 @pytest.mark.parametrize("name", ["table1", "sign_flips", "batch_size",
-                                  "convex_floors", "markov_chain"])
+                                  "bit_width", "convex_floors",
+                                  "markov_chain"])
 def test_module_entry_point(name):
   out = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
@@ -403,7 +410,7 @@ def test_set_grid_reaches_the_train_config(grid, tmp_path, monkeypatch):
   with pytest.raises(_Stop):
     sign_flips.main(argv + (["--set", f"grid={grid}"] if grid else []))
   (config,) = seen
-  assert config.grid == str(grids.parse(grid or "glorot"))
+  assert config.grid == str(grids.parse(grid or "binary"))
 
 
 @pytest.mark.parametrize("module", THEORY, ids=lambda m: m.NAME)
