@@ -21,7 +21,8 @@ Scales (``config(scale)``):
   10 at epochs 82 and 122 of 160, batches 128, 256, 512, 1024, 2048;
   needs a GPU and the CIFAR files; not measured here (estimate ~1-2 h per
   method, batch and seed on one modern GPU).
-* ``smoke``: digits, a tiny MLP, batches 32 and 128, 1 epoch (seconds).
+* ``smoke``: digits, a tiny all-conv net (``8, M, 16``), conv kernels on
+  ``±1``, lr 0.01, batches 32 and 128, 1 epoch (seconds).
 
 Expected result: at paper scale, SR's error drops with batch size and BC's
 stays flat. At cpu scale with 3 epochs, batch 1024 takes only 174 steps,
