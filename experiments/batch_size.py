@@ -57,15 +57,13 @@ def config(scale: str = "cpu") -> dict:
           "methods": list(METHODS)}
   if scale == "smoke":
     exp = {**base, "name": "digits/allconv", "dataset": "digits",
-           "model": "allconv", "model_kwargs": {"conv_spec": [8, "M", 16]},
-           "mask": "conv", "lr": 0.01, "epochs": 1, "batch_sizes": [32, 128],
+           **common.allconv_net("smoke"), "lr": 0.01, "epochs": 1,
+           "batch_sizes": [32, 128],
            "seeds": [0, 1], "runtime": "seconds",
            "command": "python -m experiments.batch_size --scale smoke"}
   elif scale == "cpu":
     exp = {**base, "name": "mnist/allconv", "dataset": "mnist",
-           "model": "allconv",
-           "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]},
-           "downsample": 2, "mask": "conv", "lr": 0.01, "epochs": 3,
+           **common.allconv_net("cpu"), "lr": 0.01, "epochs": 3,
            "batch_sizes": [128, 256, 512, 1024], "seeds": [0, 1],
            "runtime": "not measured (estimate: 4 min on 2 CPU cores)",
            "command": "python -m experiments.batch_size --scale cpu"}

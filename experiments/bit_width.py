@@ -149,10 +149,9 @@ def _paper() -> list[dict]:
 
 def _cpu() -> list[dict]:
   return [{
-      "name": "mnist/allconv", "dataset": "mnist", "model": "allconv",
-      "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]},
-      "downsample": 2, "train_subset": 10000, "validation": 2000,
-      "mask": "conv", "optimizer": "adam", "lrs": [0.1, 0.03, 0.01, 0.003],
+      "name": "mnist/allconv", "dataset": "mnist", **common.allconv_net("cpu"),
+      "train_subset": 10000, "validation": 2000, "optimizer": "adam",
+      "lrs": [0.1, 0.03, 0.01, 0.003],
       "epochs": 4, "lr_decay_epochs": table1.scaled_decays(4),
       "batch_size": 128, "seeds": [0, 1, 2], "bits": [1, 2, 3, 4, 8],
       "methods": ["sr", "r", "bc", "bop"],
@@ -163,9 +162,9 @@ def _cpu() -> list[dict]:
 
 def _smoke() -> list[dict]:
   return [{
-      "name": "digits/allconv", "dataset": "digits", "model": "allconv",
-      "model_kwargs": {"conv_spec": [8, "M", 16]}, "validation": 297,
-      "mask": "conv", "optimizer": "adam", "lrs": [0.03, 0.003],
+      "name": "digits/allconv", "dataset": "digits",
+      **common.allconv_net("smoke"), "validation": 297, "optimizer": "adam",
+      "lrs": [0.03, 0.003],
       "epochs": 1, "lr_decay_epochs": [], "batch_size": 64, "seeds": [0, 1],
       "bits": [1, 2], "methods": ["sr", "r", "bc", "bop"],
       "runtime": "seconds",

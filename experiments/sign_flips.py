@@ -57,15 +57,13 @@ def config(scale: str = "cpu") -> dict:
           "lr_decay_epochs": [], "methods": list(METHODS)}
   if scale == "smoke":
     exp = {**base, "name": "digits/allconv", "dataset": "digits",
-           "model": "allconv", "model_kwargs": {"conv_spec": [8, "M", 16]},
-           "mask": "conv", "lr": 0.01, "epochs": 2, "batch_size": 64,
+           **common.allconv_net("smoke"), "lr": 0.01, "epochs": 2,
+           "batch_size": 64,
            "seeds": [0, 1], "runtime": "seconds",
            "command": "python -m experiments.sign_flips --scale smoke"}
   elif scale == "cpu":
     exp = {**base, "name": "mnist/allconv", "dataset": "mnist",
-           "model": "allconv",
-           "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]},
-           "downsample": 2, "mask": "conv", "lr": 0.01, "epochs": 3,
+           **common.allconv_net("cpu"), "lr": 0.01, "epochs": 3,
            "seeds": [0, 1],
            "runtime": "not measured (estimate: 2 min on 2 CPU cores)",
            "command": "python -m experiments.sign_flips --scale cpu"}

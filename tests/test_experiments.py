@@ -160,6 +160,19 @@ def test_other_paper_configs(module):
     assert e["batch_sizes"][0] == 128 and e["batch_sizes"][-1] == 2048
 
 
+def test_allconv_net_is_a_fresh_copy_and_checks_its_size():
+  a = common.allconv_net("cpu")
+  assert a == {"model": "allconv", "downsample": 2, "mask": "conv",
+               "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]}}
+  a["model_kwargs"]["conv_spec"].append(128)  # a config's override
+  assert common.allconv_net("cpu")["model_kwargs"]["conv_spec"][-1] == 64
+  for module in (table1, sign_flips, batch_size, bit_width):
+    e = module.config("cpu")["experiments"][0]
+    assert e["model_kwargs"]["conv_spec"] == [16, "M", 32, "M", 64]
+  with pytest.raises(ValueError, match="allconv_net size 'big'"):
+    common.allconv_net("big")
+
+
 def test_cpu_configs():
   cfg = table1.config("cpu")
   names = [e["name"] for e in cfg["experiments"]]
