@@ -72,7 +72,6 @@ import numpy as np
 
 from experiments import common
 from experiments import table1
-from qjax import results as results_lib
 
 NAME = "bit_width"
 # method -> the table's label; ADAM (fp) is always trained, once.
@@ -295,19 +294,8 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   check(cfg)
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
-  t0 = time.time()
-  results = {"name": NAME, "scale": cfg["scale"], "config": cfg,
-             "environment": results_lib.environment(), "experiments": []}
-  for exp in cfg["experiments"]:
-    results["experiments"].append(run_experiment(exp, progress))
-    results["wall_seconds"] = time.time() - t0
-    if out_dir:
-      write(results, out_dir)
-  results["wall_seconds"] = time.time() - t0
-  results["table_md"] = table(results)
-  if out_dir:
-    write(results, out_dir)
-  return results
+  return common.run_each(NAME, cfg, lambda exp: run_experiment(exp, progress),
+                         table, write, out_dir)
 
 
 def _kib(n: int) -> str:

@@ -364,6 +364,31 @@ def final_flips(record: dict) -> dict:
           for layer, v in record["history"][-1]["sign_flips"].items()}
 
 
+def run_each(name: str, cfg: dict, run_experiment: Callable,
+             table: Callable, write: Callable,
+             out_dir: str | None = None) -> dict:
+  """``{"name", "scale", "config", "environment", "experiments",
+  "wall_seconds", "table_md"}`` from ``run_experiment(exp)`` per experiment.
+
+  With ``out_dir``, ``write(results, out_dir)`` runs after each experiment
+  (a long run keeps what it has if it stops) and once more at the end with
+  the table.
+  """
+  t0 = time.time()
+  results = {"name": name, "scale": cfg["scale"], "config": cfg,
+             "environment": results_lib.environment(), "experiments": []}
+  for exp in cfg["experiments"]:
+    results["experiments"].append(run_experiment(exp))
+    results["wall_seconds"] = time.time() - t0
+    if out_dir:
+      write(results, out_dir)
+  results["wall_seconds"] = time.time() - t0
+  results["table_md"] = table(results)
+  if out_dir:
+    write(results, out_dir)
+  return results
+
+
 def write_json(out_dir: str, name: str, payload: dict) -> str:
   path = os.path.join(out_dir, name)
   results_lib.write_json(path, payload)

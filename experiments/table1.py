@@ -83,7 +83,6 @@ import time
 import numpy as np
 
 from experiments import common
-from qjax import results as results_lib
 
 NAME = "table1"
 # (label, method, uses the big batch, the big batch at the same steps); the
@@ -299,19 +298,9 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   check(cfg)
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
-  t0 = time.time()
-  results = {"name": NAME, "scale": cfg["scale"],
-             "environment": results_lib.environment(), "experiments": []}
-  for exp in cfg["experiments"]:
-    results["experiments"].append(run_experiment(exp, cfg["rows"], progress))
-    results["wall_seconds"] = time.time() - t0
-    if out_dir:  # after each experiment, so a long run keeps what it has
-      write(results, out_dir)
-  results["wall_seconds"] = time.time() - t0
-  results["table_md"] = table(results)
-  if out_dir:
-    write(results, out_dir)
-  return results
+  return common.run_each(
+      NAME, cfg, lambda exp: run_experiment(exp, cfg["rows"], progress),
+      table, write, out_dir)
 
 
 def _tail_change(curve: list | None) -> float | None:
