@@ -14,9 +14,8 @@ Scales (``config(scale)``):
 * ``cpu``: full MNIST downsampled to 14x14, Table 1's all-conv net
   (``16, M, 32, M, 64``), conv kernels on ``±1`` (``grid='binary'``), Adam
   lr 0.01: α/Δ = 0.01 / 2 = 0.005, the paper's regime (see
-  ``experiments.table1``); batch 128, 3 epochs, seeds 0 and 1. Not yet run
-  on this config (the earlier MLP on the Glorot grid measured SR 40, 45,
-  28 %, BC 26, 22, 9 %, R 0 % of signs changed per layer).
+  ``experiments.table1``); batch 128, 6 epochs, seeds 0 and 1.
+  MEASURED_CPU
 * ``paper``: CIFAR-10, VGG-9, conv kernels binary, Adam lr 0.01 divided by
   10 at epochs 82 and 122 of 160, batch 128, augmented and normalized; needs
   a GPU and the CIFAR files; not measured here (estimate: ~1-2 h per method
@@ -24,8 +23,9 @@ Scales (``config(scale)``):
 * ``smoke``: digits, a tiny all-conv net (``8, M, 16``), conv kernels on
   ``±1``, lr 0.01, 2 epochs (seconds).
 
-Expected result: final % changed per layer SR > BC in every layer and R
-about 0.
+Expected result: final % changed per layer SR > BC in every layer, SR's
+% still rising in the last epoch faster than BC's (it keeps exploring),
+and R about 0.
 
 Command: ``python -m experiments.sign_flips --scale cpu --out
 results/sign_flips``. Outputs: results.json, table.md, flips.csv and
