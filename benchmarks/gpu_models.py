@@ -42,7 +42,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.sweep_throughput import _Runner
+from benchmarks.sweep_throughput import Runner
 from experiments import common
 from qjax import methods as methods_lib
 from qjax import models as models_lib
@@ -75,7 +75,7 @@ def bench(model_name: str, configs: int, args, x, y) -> dict:
                                  batch_size=args.batch, epochs=1,
                                  steps_per_epoch=args.steps)
   strategy = sweep_lib.choose_strategy(model_name)
-  runner = _Runner(model, config, strategy, x, y)
+  runner = Runner(model, config, strategy, x, y)
   seeds = list(range(configs))
   t0 = time.perf_counter()
   runner.warm_up(seeds)

@@ -129,8 +129,9 @@ def _label(strategy: sweep_lib.Strategy) -> str:
   return f"{strategy.steps}/{strategy.configs}"
 
 
-class _Runner:
-  """One compiled ``Programs`` and the inputs to time its epochs on."""
+class Runner:
+  """One compiled ``Programs`` and the inputs to time its epochs on (also
+  used by ``benchmarks.gpu_models``)."""
 
   def __init__(self, model, config, strategy, x, y):
     self.programs = sweep_lib.Programs(model, config, strategy)
@@ -186,7 +187,7 @@ class _Timing(_Fastest):
   no compilation.
   """
 
-  def __init__(self, runner: _Runner, kind: str, num_configs: int):
+  def __init__(self, runner: Runner, kind: str, num_configs: int):
     self.runner = runner
     if kind == "sweep":
       runner.warm_up(list(range(num_configs)))
@@ -277,7 +278,7 @@ def bench_model(model_name: str, args) -> list[dict]:
       if args.strategies == "all" and s != chosen.steps]
   measured = ([("sequential", st) for st in seq_strategies]
               + [("sweep", st) for st in strategies])
-  timings = [_Timing(_Runner(model, config, st, x, y), kind, args.configs)
+  timings = [_Timing(Runner(model, config, st, x, y), kind, args.configs)
              for kind, st in measured]
   # Rounds interleave every measurement, so that a change in the machine's
   # load during the benchmark hits sweeps and sequential runs alike.

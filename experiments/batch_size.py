@@ -7,27 +7,30 @@ SR-ADAM" row (batch 1024) is this effect. Reported with the matching flip
 rates (% of weights whose sign changed since init).
 
 How the number of steps is handled: a fixed number of epochs for every
-batch size, as in the paper, so a batch B takes ``epochs * (N // B)``
-steps: big batches take fewer steps. Each row reports its steps, so the
-two effects (less noise per step, fewer steps) can be read apart.
+batch size, as in the paper (budget ``epochs``), so a batch B takes
+``epochs * (N // B)`` steps: big batches take fewer steps. With
+``same_steps`` every larger batch also trains for ``epochs * B / B0``
+epochs (B0 the smallest batch; decay epochs scaled alike), about B0's
+steps (budget ``steps``): that row compares the noise per step alone.
+The paper's statement is about the same epochs, after 160 of them, when
+every batch has had steps enough; at a few epochs the same-epochs rows
+mostly measure the step count. Each row reports its epochs and steps.
 
 Scales (``config(scale)``):
 
-* ``cpu``: full MNIST downsampled to 14x14, Table 1's all-conv net
-  (``16, M, 32, M, 64``), conv kernels on ``±1``, Adam lr 0.01 (α/Δ 0.005,
-  the paper's regime; see ``experiments.table1``), batches 128, 256, 512,
-  1024, 3 epochs, seeds 0 and 1. Not yet run on this config.
+* ``cpu``: MNIST downsampled to 14x14 (the first 15,000 training images,
+  as Table 1's CPU scale), Table 1's all-conv net (``16, M, 32, M, 64``),
+  conv kernels on ``±1``, Adam lr 0.01 (α/Δ 0.005, the paper's regime;
+  see ``experiments.table1``), batches 128, 256, 512, 1024, 6 epochs and
+  the same steps, seeds 0 and 1. MEASURED_CPU
 * ``paper``: CIFAR-10, VGG-9, conv kernels binary, Adam lr 0.01 divided by
-  10 at epochs 82 and 122 of 160, batches 128, 256, 512, 1024, 2048;
-  needs a GPU and the CIFAR files; not measured here (estimate ~1-2 h per
-  method, batch and seed on one modern GPU).
+  10 at epochs 82 and 122 of 160, batches 128, 256, 512, 1024, 2048, the
+  same epochs only (``--set same_steps=true`` adds the same-steps rows, up
+  to 2560 epochs at batch 2048); needs a GPU and the CIFAR files; not
+  measured here (estimate ~1-2 h per method and batch size on one GPU).
 * ``smoke``: digits, a tiny all-conv net (``8, M, 16``), conv kernels on
-  ``±1``, lr 0.01, batches 32 and 128, 1 epoch (seconds).
-
-Expected result: at paper scale, SR's error drops with batch size and BC's
-stays flat. At cpu scale with 3 epochs, batch 1024 takes only 174 steps,
-so every method may lose from too few steps there; the computed statement
-compares how much each method gains from a larger batch.
+  ``±1``, lr 0.01, batches 32 and 128, 1 epoch and the same steps
+  (seconds).
 
 Command: ``python -m experiments.batch_size --scale cpu --out
 results/batch_size``. Outputs: results.json, table.md, table.csv and
@@ -54,20 +57,19 @@ def config(scale: str = "cpu") -> dict:
   """
   common.check_scale(scale)
   base = {"optimizer": "adam", "grid": "binary", "lr_decay_epochs": [],
-          "methods": list(METHODS)}
+          "methods": list(METHODS), "same_steps": False}
   if scale == "smoke":
     exp = {**base, "name": "digits/allconv", "dataset": "digits",
-           "model": "allconv", "model_kwargs": {"conv_spec": [8, "M", 16]},
-           "mask": "conv", "lr": 0.01, "epochs": 1, "batch_sizes": [32, 128],
+           **common.allconv_net("smoke"), "lr": 0.01, "epochs": 1,
+           "batch_sizes": [32, 128], "same_steps": True,
            "seeds": [0, 1], "runtime": "seconds",
            "command": "python -m experiments.batch_size --scale smoke"}
   elif scale == "cpu":
     exp = {**base, "name": "mnist/allconv", "dataset": "mnist",
-           "model": "allconv",
-           "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]},
-           "downsample": 2, "mask": "conv", "lr": 0.01, "epochs": 3,
-           "batch_sizes": [128, 256, 512, 1024], "seeds": [0, 1],
-           "runtime": "not measured (estimate: 4 min on 2 CPU cores)",
+           **common.allconv_net("cpu"), "train_subset": 15000, "lr": 0.01,
+           "epochs": 6, "batch_sizes": [128, 256, 512, 1024],
+           "same_steps": True, "seeds": [0, 1],
+           "runtime": "RUNTIME_CPU",
            "command": "python -m experiments.batch_size --scale cpu"}
   else:
     exp = {**base, "name": "cifar10/vgg9", "dataset": "cifar10",
@@ -113,33 +115,63 @@ def statement(per_method: dict) -> dict:
   return {"holds": bool(holds), "sr": sr, "bc": bc, "text": text}
 
 
+def same_steps_exp(exp: dict, batch: int) -> dict:
+  """``exp`` with its epochs (and decay epochs) scaled by ``batch`` over the
+  smallest batch, so ``batch`` takes about the smallest batch's steps."""
+  factor = batch / min(exp["batch_sizes"])
+  return {**exp, "epochs": max(1, round(exp["epochs"] * factor)),
+          "lr_decay_epochs": [round(e * factor)
+                              for e in exp.get("lr_decay_epochs", [])]}
+
+
+def _runs(exp: dict) -> list[tuple[str, int, dict]]:
+  """``(budget, batch, exp)`` per trained row: every batch at the config's
+  epochs, then (``same_steps``) every larger batch at the smallest batch's
+  steps."""
+  out = [("epochs", b, exp) for b in exp["batch_sizes"]]
+  if exp.get("same_steps"):
+    smallest = min(exp["batch_sizes"])
+    out += [("steps", b, same_steps_exp(exp, b))
+            for b in exp["batch_sizes"] if b != smallest]
+  return out
+
+
 def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
-  """Trains SR and BC at every batch size of each experiment."""
+  """Trains SR and BC at every batch size of each experiment: at the same
+  epochs (the paper) and, with ``same_steps``, at the same steps."""
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
   t0 = time.time()
-  results = {"name": NAME, "scale": cfg["scale"],
+  results = {"name": NAME, "scale": cfg["scale"], "config": cfg,
              "environment": results_lib.environment(), "experiments": []}
   for exp in cfg["experiments"]:
     t1 = time.time()
-    records = [common.train_method(exp, m, batch_size=b,
-                                   label=methods_lib.label(m),
-                                   progress=progress)
-               for m in exp["methods"] for b in exp["batch_sizes"]]
-    rows = [{"method": r["label"], "batch_size": r["batch_size"],
-             "steps": r["steps"], "test_error": common.error_summary(
-                 r["test_error"]),
-             "flips": common.final_flips(r), "seconds": r["seconds"],
-             "alpha_over_delta": common.alpha_over_delta_text(r)}
-            for r in records]
-    per_method = {}
+    rows, records = [], []
+    for m in exp["methods"]:
+      for budget, b, run_exp in _runs(exp):
+        r = common.train_method(run_exp, m, batch_size=b,
+                                label=methods_lib.label(m), progress=progress)
+        records.append(r)
+        rows.append({"method": r["label"], "batch_size": b, "budget": budget,
+                     "epochs": run_exp["epochs"], "steps": r["steps"],
+                     "test_error": common.error_summary(r["test_error"]),
+                     "flips": common.final_flips(r), "seconds": r["seconds"],
+                     "alpha_over_delta": common.alpha_over_delta_text(r)})
+    smallest = min(exp["batch_sizes"])
+    per_budget = {}
     for row in rows:
-      per_method.setdefault(row["method"], {})[row["batch_size"]] = (
-          row["test_error"]["mean"])
+      # The smallest batch is the reference of both comparisons.
+      for budget in ({"epochs", "steps"} if row["batch_size"] == smallest
+                     else {row["budget"]}):
+        per_budget.setdefault(budget, {}).setdefault(
+            row["method"], {})[row["batch_size"]] = row["test_error"]["mean"]
+    found = statement(per_budget["epochs"])
+    if exp.get("same_steps"):
+      found["same_steps"] = statement(per_budget["steps"])
     results["experiments"].append({
         "name": exp["name"], "config": exp, "data": common.describe(exp),
-        "runs": records, "rows": rows,
-        "statement": statement(per_method), "seconds": time.time() - t1})
+        "runs": records, "rows": rows, "statement": found,
+        "seconds": time.time() - t1})
   results["wall_seconds"] = time.time() - t0
   results["table_md"] = table(results)
   if out_dir:
@@ -152,20 +184,29 @@ def table(results: dict) -> str:
   for e in results["experiments"]:
     layers = list(e["rows"][0]["flips"])
     lines += [f"{e['name']}: test error and % of signs changed since init "
-              f"after {e['config']['epochs']} epoch(s) at every batch size "
-              f"(fixed epochs), mean over {len(e['config']['seeds'])} "
-              "seed(s).", "",
-              "| method | batch | steps | α/Δ | test error (%) | " + " | ".join(
+              f"at every batch size, at {e['config']['epochs']} epoch(s) "
+              "(budget: epochs, the paper's)"
+              + (" and at the smallest batch's steps (budget: steps)"
+                 if e["config"].get("same_steps") else "")
+              + f", mean over {len(e['config']['seeds'])} seed(s).", "",
+              "| method | batch | budget | epochs | steps | α/Δ | "
+              "test error (%) | " + " | ".join(
                   f"% changed {layer}" for layer in layers) + " |",
-              "|---" * (len(layers) + 5) + "|"]
+              "|---" * (len(layers) + 7) + "|"]
     for row in e["rows"]:
       lines.append(
-          f"| {row['method']} | {row['batch_size']} | {row['steps']} | "
+          f"| {row['method']} | {row['batch_size']} | {row['budget']} | "
+          f"{row['epochs']} | {row['steps']} | "
           f"{row['alpha_over_delta']} | "
           f"{common.fmt(row['test_error'])} | " + " | ".join(
               f"{row['flips'][layer]:.2f}" for layer in layers) + " |")
-    lines += ["", f"- {e['name']}: paper's finding (SR gains from larger "
-              f"batches, more than BC) {e['statement']['text']}", ""]
+    found = e["statement"]
+    lines += ["", f"- {e['name']}, same epochs: paper's finding (SR gains "
+              f"from larger batches, more than BC) {found['text']}"]
+    if "same_steps" in found:
+      lines += [f"- {e['name']}, same steps: SR gains from larger batches, "
+                f"more than BC: {found['same_steps']['text']}"]
+    lines += [""]
   return "\n".join(lines).rstrip()
 
 
@@ -174,12 +215,14 @@ def write(results: dict, out_dir: str) -> None:
   common.write_text(out_dir, "table.md", results["table_md"] + "\n")
   common.write_rows(out_dir, "table.csv", [
       {"experiment": e["name"], "method": r["label"],
-       "batch_size": r["batch_size"], "steps": r["steps"], "seed": seed,
+       "batch_size": r["batch_size"], "budget": row["budget"],
+       "epochs": row["epochs"], "steps": r["steps"], "seed": seed,
        "test_error": err,
        "mean_percent_changed": sum(100 * v[i] for v in
                                    r["history"][-1]["sign_flips"].values())
        / max(len(r["history"][-1]["sign_flips"]), 1)}
-      for e in results["experiments"] for r in e["runs"]
+      for e in results["experiments"]
+      for r, row in zip(e["runs"], e["rows"])
       for i, (seed, err) in enumerate(zip(r["seeds"], r["test_error"]))])
 
 
@@ -189,23 +232,30 @@ def plot(results: dict, out_dir: str) -> list[str]:
   paths = []
   for e in results["experiments"]:
     fig, (ax_err, ax_flip) = plotting.figure(1, 2, figsize=(9, 3.6))
+    smallest = min(r["batch_size"] for r in e["rows"])
     for method in dict.fromkeys(r["method"] for r in e["rows"]):
-      rows = [r for r in e["rows"] if r["method"] == method]
-      batches = [r["batch_size"] for r in rows]
       color = plotting.method_color(method)
-      ax_err.errorbar(batches, [r["test_error"]["mean"] for r in rows],
-                      yerr=[r["test_error"]["std"] for r in rows],
-                      marker="o", capsize=3, color=color, label=method)
-      ax_flip.plot(batches, [sum(r["flips"].values()) / len(r["flips"])
-                             for r in rows], marker="o", color=color,
-                   label=method)
+      for budget, style in (("epochs", "-"), ("steps", "--")):
+        rows = [r for r in e["rows"] if r["method"] == method and (
+            r["budget"] == budget or r["batch_size"] == smallest)]
+        if budget == "steps" and len(rows) < 2:
+          continue
+        batches = [r["batch_size"] for r in rows]
+        label = f"{method}, same {budget}"
+        ax_err.errorbar(batches, [r["test_error"]["mean"] for r in rows],
+                        yerr=[r["test_error"]["std"] for r in rows],
+                        marker="o", capsize=3, color=color, ls=style,
+                        label=label)
+        ax_flip.plot(batches, [sum(r["flips"].values()) / len(r["flips"])
+                               for r in rows], marker="o", color=color,
+                     ls=style, label=label)
     batches = sorted({r["batch_size"] for r in e["rows"]})
     for ax, title in ((ax_err, "top-1 test error (%)"),
                       (ax_flip, "% signs changed since init (layer mean)")):
       ax.set_xscale("log", base=2)
       ax.set_xticks(batches, [str(b) for b in batches])
       ax.minorticks_off()
-      ax.set_xlabel("batch size (fixed epochs)")
+      ax.set_xlabel("batch size")
       ax.set_title(title)
     ax_err.legend()
     fig.suptitle(f"{e['name']} ({results['scale']})")

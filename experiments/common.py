@@ -15,6 +15,7 @@ model and training settings, and is trained one method at a time with
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import functools
 import json
@@ -41,6 +42,28 @@ SCALES = ("smoke", "cpu", "paper")
 STREAMING = {"imagenet2012": ("train", "validation")}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def allconv_net(size: str) -> dict:
+  """The all-conv net shared by the CPU-scale experiments, as config keys.
+
+  ``"cpu"``: conv ``16, M, 32, M, 64`` on MNIST-shaped images downsampled
+  2x2 to 14x14 (conv kernels 96 % of the parameters); ``"smoke"``: conv
+  ``8, M, 16`` on the 8x8 digits. Conv kernels quantized (``mask="conv"``),
+  BatchNorm after each conv. A fresh dict per call, so a config's override
+  never changes another's.
+  """
+  nets = {
+      "cpu": {"model": "allconv",
+              "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]},
+              "downsample": 2, "mask": "conv"},
+      "smoke": {"model": "allconv", "model_kwargs": {"conv_spec": [8, "M", 16]},
+                "mask": "conv"},
+  }
+  if size not in nets:
+    raise ValueError(f"allconv_net size {size!r}: expected one of "
+                     f"{sorted(nets)}")
+  return copy.deepcopy(nets[size])
 
 
 class UnsupportedExperimentError(RuntimeError):
@@ -339,6 +362,31 @@ def final_flips(record: dict) -> dict:
   """Per layer, the mean over seeds of the final % of signs changed."""
   return {layer: 100 * float(np.mean(v))
           for layer, v in record["history"][-1]["sign_flips"].items()}
+
+
+def run_each(name: str, cfg: dict, run_experiment: Callable,
+             table: Callable, write: Callable,
+             out_dir: str | None = None) -> dict:
+  """``{"name", "scale", "config", "environment", "experiments",
+  "wall_seconds", "table_md"}`` from ``run_experiment(exp)`` per experiment.
+
+  With ``out_dir``, ``write(results, out_dir)`` runs after each experiment
+  (a long run keeps what it has if it stops) and once more at the end with
+  the table.
+  """
+  t0 = time.time()
+  results = {"name": name, "scale": cfg["scale"], "config": cfg,
+             "environment": results_lib.environment(), "experiments": []}
+  for exp in cfg["experiments"]:
+    results["experiments"].append(run_experiment(exp))
+    results["wall_seconds"] = time.time() - t0
+    if out_dir:
+      write(results, out_dir)
+  results["wall_seconds"] = time.time() - t0
+  results["table_md"] = table(results)
+  if out_dir:
+    write(results, out_dir)
+  return results
 
 
 def write_json(out_dir: str, name: str, payload: dict) -> str:

@@ -14,9 +14,8 @@ Scales (``config(scale)``):
 * ``cpu``: full MNIST downsampled to 14x14, Table 1's all-conv net
   (``16, M, 32, M, 64``), conv kernels on ``±1`` (``grid='binary'``), Adam
   lr 0.01: α/Δ = 0.01 / 2 = 0.005, the paper's regime (see
-  ``experiments.table1``); batch 128, 3 epochs, seeds 0 and 1. Not yet run
-  on this config (the earlier MLP on the Glorot grid measured SR 40, 45,
-  28 %, BC 26, 22, 9 %, R 0 % of signs changed per layer).
+  ``experiments.table1``); batch 128, 6 epochs, seeds 0 and 1.
+  MEASURED_CPU
 * ``paper``: CIFAR-10, VGG-9, conv kernels binary, Adam lr 0.01 divided by
   10 at epochs 82 and 122 of 160, batch 128, augmented and normalized; needs
   a GPU and the CIFAR files; not measured here (estimate: ~1-2 h per method
@@ -24,8 +23,9 @@ Scales (``config(scale)``):
 * ``smoke``: digits, a tiny all-conv net (``8, M, 16``), conv kernels on
   ``±1``, lr 0.01, 2 epochs (seconds).
 
-Expected result: final % changed per layer SR > BC in every layer and R
-about 0.
+Expected result: final % changed per layer SR > BC in every layer, SR's
+% still rising in the last epoch faster than BC's (it keeps exploring),
+and R about 0.
 
 Command: ``python -m experiments.sign_flips --scale cpu --out
 results/sign_flips``. Outputs: results.json, table.md, flips.csv and
@@ -57,15 +57,13 @@ def config(scale: str = "cpu") -> dict:
           "lr_decay_epochs": [], "methods": list(METHODS)}
   if scale == "smoke":
     exp = {**base, "name": "digits/allconv", "dataset": "digits",
-           "model": "allconv", "model_kwargs": {"conv_spec": [8, "M", 16]},
-           "mask": "conv", "lr": 0.01, "epochs": 2, "batch_size": 64,
+           **common.allconv_net("smoke"), "lr": 0.01, "epochs": 2,
+           "batch_size": 64,
            "seeds": [0, 1], "runtime": "seconds",
            "command": "python -m experiments.sign_flips --scale smoke"}
   elif scale == "cpu":
     exp = {**base, "name": "mnist/allconv", "dataset": "mnist",
-           "model": "allconv",
-           "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]},
-           "downsample": 2, "mask": "conv", "lr": 0.01, "epochs": 3,
+           **common.allconv_net("cpu"), "lr": 0.01, "epochs": 6,
            "seeds": [0, 1],
            "runtime": "not measured (estimate: 2 min on 2 CPU cores)",
            "command": "python -m experiments.sign_flips --scale cpu"}
@@ -91,11 +89,15 @@ def curves(record: dict) -> dict:
   return out
 
 
-def statement(final: dict) -> dict:
-  """Whether SR > BC in every layer and R changes (almost) no sign.
+def statement(final: dict, curves: dict | None = None) -> dict:
+  """Whether SR > BC in every layer, whether SR still changes more signs
+  than BC in the last epoch, and whether R changes (almost) no sign.
 
   Args:
     final: label -> layer -> final mean % of signs changed.
+    curves: label -> layer -> ``{"mean": [% per epoch]}``; with 2 or more
+      epochs, the last epoch's net change of the % (pp) is compared too:
+      the paper's "SR keeps exploring, BC settles".
   """
   out = {}
   text = []
@@ -107,6 +109,19 @@ def statement(final: dict) -> dict:
                  if out["sr_more_than_bc"] else
                  "SR does not change more signs than BC in layer(s) "
                  + ", ".join(layer for layer, m in more.items() if not m)))
+    if curves and len(next(iter(curves["SR-ADAM"].values()))["mean"]) >= 2:
+      last = {label: {layer: c["mean"][-1] - c["mean"][-2]
+                      for layer, c in curves[label].items()}
+              for label in ("SR-ADAM", "BC-ADAM")}
+      out["last_epoch_pp"] = last
+      still = {layer: bool(last["SR-ADAM"][layer] > last["BC-ADAM"][layer])
+               for layer in last["SR-ADAM"]}
+      out["sr_still_exploring"] = all(still.values())
+      pairs = ", ".join(f"{layer} {last['SR-ADAM'][layer]:+.2f} vs "
+                        f"{last['BC-ADAM'][layer]:+.2f}" for layer in still)
+      text.append("in the last epoch SR's % changed moved more than BC's "
+                  + ("in every layer" if out["sr_still_exploring"] else
+                     "not in every layer") + f" (pp, SR vs BC: {pairs})")
   if "R-ADAM" in final:
     top = max(final["R-ADAM"].values())
     out["r_max_percent"] = top
@@ -130,12 +145,14 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
                                    progress=progress)
                for m in exp["methods"]]
     final = {r["label"]: common.final_flips(r) for r in records}
+    per_epoch = {r["label"]: curves(r) for r in records}
     results["experiments"].append({
         "name": exp["name"], "config": exp, "data": common.describe(exp),
-        "methods": records, "curves": {r["label"]: curves(r) for r in records},
-        "final": final, "test_error": {r["label"]: common.error_summary(
-            r["test_error"]) for r in records},
-        "statement": statement(final), "seconds": time.time() - t1})
+        "methods": records, "curves": per_epoch, "final": final,
+        "test_error": {r["label"]: common.error_summary(r["test_error"])
+                       for r in records},
+        "statement": statement(final, per_epoch),
+        "seconds": time.time() - t1})
   results["wall_seconds"] = time.time() - t0
   results["table_md"] = table(results)
   if out_dir:

@@ -83,7 +83,6 @@ import time
 import numpy as np
 
 from experiments import common
-from qjax import results as results_lib
 
 NAME = "table1"
 # (label, method, uses the big batch, the big batch at the same steps); the
@@ -151,10 +150,9 @@ def scaled_decays(epochs: int) -> list[int]:
 def _cpu() -> list[dict]:
   def allconv(dataset):
     return {
-        "name": f"{dataset}/allconv", "dataset": dataset, "model": "allconv",
-        "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]},
-        "downsample": 2, "train_subset": 18000, "validation": 3000,
-        "mask": "conv", "grid": "binary", "optimizer": "adam",
+        "name": f"{dataset}/allconv", "dataset": dataset,
+        **common.allconv_net("cpu"), "train_subset": 18000,
+        "validation": 3000, "grid": "binary", "optimizer": "adam",
         "lrs": [0.3, 0.1, 0.03, 0.01], "epochs": 6,
         "lr_decay_epochs": scaled_decays(6), "batch_size": 128,
         "big_batch_size": 1024, "big_same_steps": True, "seeds": [0, 1, 2],
@@ -167,9 +165,9 @@ def _cpu() -> list[dict]:
 
 def _smoke() -> list[dict]:
   return [{
-      "name": "digits/allconv", "dataset": "digits", "model": "allconv",
-      "model_kwargs": {"conv_spec": [8, "M", 16]}, "validation": 297,
-      "mask": "conv", "grid": "binary", "optimizer": "adam",
+      "name": "digits/allconv", "dataset": "digits",
+      **common.allconv_net("smoke"), "validation": 297, "grid": "binary",
+      "optimizer": "adam",
       "lrs": [0.03, 0.003], "lr_decay_epochs": [], "epochs": 2,
       "batch_size": 64, "big_batch_size": 256, "big_same_steps": True,
       "seeds": [0, 1], "runtime": "seconds",
@@ -300,19 +298,9 @@ def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   check(cfg)
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
-  t0 = time.time()
-  results = {"name": NAME, "scale": cfg["scale"],
-             "environment": results_lib.environment(), "experiments": []}
-  for exp in cfg["experiments"]:
-    results["experiments"].append(run_experiment(exp, cfg["rows"], progress))
-    results["wall_seconds"] = time.time() - t0
-    if out_dir:  # after each experiment, so a long run keeps what it has
-      write(results, out_dir)
-  results["wall_seconds"] = time.time() - t0
-  results["table_md"] = table(results)
-  if out_dir:
-    write(results, out_dir)
-  return results
+  return common.run_each(
+      NAME, cfg, lambda exp: run_experiment(exp, cfg["rows"], progress),
+      table, write, out_dir)
 
 
 def _tail_change(curve: list | None) -> float | None:

@@ -427,12 +427,16 @@ def _train(plan: Plan) -> dict:
         max_configs_per_chunk=args.max_configs_per_chunk,
         checkpoint_dir=plan.checkpoint_dir(method), fresh=args.fresh,
         progress=not args.no_progress, validation=args.validation)
+    grids = _grids(config, out)
     runs.append({"label": plan.label(method), "method": config.method,
                  "grid": config.grid, "configs": out["configs"],
                  "strategy": out["strategy"],
                  "train_config": out["train_config"],
                  "eval_mode": methods_lib.get(config.method).eval_mode,
-                 "grids": _grids(config, out),
+                 "grids": grids,
+                 "alpha_over_delta": [
+                     train_lib.alpha_over_delta(g, c["lr"])
+                     for g, c in zip(grids, out["configs"])],
                  "memory": _memory(plan, config, out),
                  "history": out["history"], "seconds": time.time() - t0})
   ds = plan.dataset
@@ -477,6 +481,26 @@ def _memory(plan: Plan, config, out: dict) -> dict:
       lambda s, b, h: train_lib.train_step(plan.model, config, s, b, h),
       one, batch, hp)
   return {"state": report, "step": step}
+
+
+def alpha_over_delta_summary(runs: list[dict]) -> str:
+  """One line per quantized method: α/Δ (lr over grid spacing) per lr,
+  the range over its quantized layers."""
+  lines = []
+  for run in runs:
+    by_lr = {}
+    for c, a in zip(run["configs"], run["alpha_over_delta"]):
+      if a:
+        by_lr.setdefault(c["lr"], []).extend(a.values())
+    if by_lr:
+      lines.append(f"  {run['label']:10} " + ", ".join(
+          f"lr {lr:g}: {min(v):.3g}" + ("" if max(v) == min(v) else
+                                        f"-{max(v):.3g}")
+          for lr, v in by_lr.items()))
+  if not lines:
+    return ""
+  return "\n".join(["α/Δ per quantized layer (lr / grid spacing; the "
+                    "paper's ±1 at lr 0.01 is 0.005):", *lines])
 
 
 def memory_summary(runs: list[dict]) -> str:
@@ -526,6 +550,9 @@ def main(argv=None) -> int:
         f"({payload['environment']['backend']})")
   print(results_lib.error_table(payload["runs"]))
   print(memory_summary(payload["runs"]))
+  ratios = alpha_over_delta_summary(payload["runs"])
+  if ratios:
+    print(ratios)
   print(f"results: {os.path.abspath(args.out)}")
   return 0
 

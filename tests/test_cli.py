@@ -321,6 +321,20 @@ def test_results_record_commit_time_versions_model_and_grids(first_run):
     np.testing.assert_allclose(grids[layer]["step"], 2 * h, rtol=1e-6)
 
 
+def test_results_record_and_print_alpha_over_delta(tmp_path, capsys):
+  out = tmp_path / "a"
+  assert _run(out, "--lrs", "0.01,0.1", "--grids", "binary") == 0
+  printed = capsys.readouterr().out
+  # ±1 (Δ = 2): lr 0.01 is the paper's 0.005, lr 0.1 is 0.05.
+  assert "lr 0.01: 0.005, lr 0.1: 0.05" in printed
+  payload = json.loads((out / "results.json").read_text())
+  run = payload["runs"][0]
+  assert [c["lr"] for c in run["configs"]] == pytest.approx([0.01, 0.1])
+  for c, ratios in zip(run["configs"], run["alpha_over_delta"]):
+    assert ratios == pytest.approx({"Dense_0/kernel": c["lr"] / 2,
+                                    "Dense_1/kernel": c["lr"] / 2})
+
+
 def test_missing_dataset_is_one_line(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("QJAX_DATA", str(tmp_path / "empty_cache"))
   assert train_cli.main(["--dataset", "fashion_mnist", "--out",

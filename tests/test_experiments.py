@@ -115,9 +115,17 @@ def test_batch_size_smoke_through_main(tmp_path, capsys):
   with open(tmp_path / "results.json") as f:
     results = json.load(f)
   rows = results["experiments"][0]["rows"]
-  assert [(r["method"], r["batch_size"]) for r in rows] == [
-      ("SR-ADAM", 32), ("SR-ADAM", 128), ("BC-ADAM", 32), ("BC-ADAM", 128)]
+  assert [(r["method"], r["batch_size"], r["budget"]) for r in rows] == [
+      ("SR-ADAM", 32, "epochs"), ("SR-ADAM", 128, "epochs"),
+      ("SR-ADAM", 128, "steps"), ("BC-ADAM", 32, "epochs"),
+      ("BC-ADAM", 128, "epochs"), ("BC-ADAM", 128, "steps")]
   assert rows[0]["steps"] > rows[1]["steps"]
+  # Same steps: 1 epoch x 128 / 32 = 4 epochs of batch 128.
+  assert (rows[2]["epochs"], rows[2]["steps"]) == (4, 4 * rows[1]["steps"])
+  assert abs(rows[2]["steps"] - rows[0]["steps"]) <= 0.1 * rows[0]["steps"]
+  found = results["experiments"][0]["statement"]
+  assert set(found["same_steps"]) >= {"holds", "sr", "bc", "text"}
+  assert "same steps" in results["table_md"]
   assert all(r["alpha_over_delta"] == "0.005" for r in rows)
   _check_outputs(tmp_path, results,
                  [str(tmp_path / "batch_size_digits_allconv.png")],
@@ -158,6 +166,19 @@ def test_other_paper_configs(module):
   assert (e["lr"], e["lr_decay_epochs"], e["epochs"]) == (0.01, [82, 122], 160)
   if module is batch_size:
     assert e["batch_sizes"][0] == 128 and e["batch_sizes"][-1] == 2048
+
+
+def test_allconv_net_is_a_fresh_copy_and_checks_its_size():
+  a = common.allconv_net("cpu")
+  assert a == {"model": "allconv", "downsample": 2, "mask": "conv",
+               "model_kwargs": {"conv_spec": [16, "M", 32, "M", 64]}}
+  a["model_kwargs"]["conv_spec"].append(128)  # a config's override
+  assert common.allconv_net("cpu")["model_kwargs"]["conv_spec"][-1] == 64
+  for module in (table1, sign_flips, batch_size, bit_width):
+    e = module.config("cpu")["experiments"][0]
+    assert e["model_kwargs"]["conv_spec"] == [16, "M", 32, "M", 64]
+  with pytest.raises(ValueError, match="allconv_net size 'big'"):
+    common.allconv_net("big")
 
 
 def test_cpu_configs():
@@ -258,6 +279,17 @@ def test_several_lrs_without_validation_are_refused(tmp_path, capsys):
   assert not (tmp_path / "o").exists()
 
 
+def test_batch_size_same_steps_scales_epochs_and_decays():
+  (e,) = batch_size.config("paper")["experiments"]
+  assert not e["same_steps"]  # 16x the paper's cost; --set same_steps=true
+  big = batch_size.same_steps_exp(e, 1024)  # 8x the smallest batch, 128
+  assert (big["epochs"], big["lr_decay_epochs"]) == (1280, [656, 976])
+  assert (e["epochs"], e["lr_decay_epochs"]) == (160, [82, 122])  # untouched
+  (cpu,) = batch_size.config("cpu")["experiments"]
+  assert cpu["same_steps"]
+  assert batch_size.same_steps_exp(cpu, 512)["epochs"] == 4 * cpu["epochs"]
+
+
 def test_batch_size_statement():
   holds = batch_size.statement({"SR-ADAM": {128: 9.0, 1024: 5.0},
                                 "BC-ADAM": {128: 3.0, 1024: 2.9}})
@@ -273,6 +305,27 @@ def test_sign_flips_statement():
                               "R-ADAM": {"a": 0.0, "b": 0.0}})
   assert not out["sr_more_than_bc"] and out["r_almost_none"]
   assert "layer(s) b" in out["text"]
+
+
+def test_sign_flips_last_epoch_statement():
+  final = {"SR-ADAM": {"a": 30.0, "b": 40.0},
+           "BC-ADAM": {"a": 35.0, "b": 30.0}}
+  curves = {"SR-ADAM": {"a": {"mean": [20.0, 30.0]},
+                        "b": {"mean": [35.0, 40.0]}},
+            "BC-ADAM": {"a": {"mean": [34.0, 35.0]},
+                        "b": {"mean": [31.0, 30.0]}}}
+  out = sign_flips.statement(final, curves)
+  assert out["last_epoch_pp"] == {"SR-ADAM": {"a": 10.0, "b": 5.0},
+                                  "BC-ADAM": {"a": 1.0, "b": -1.0}}
+  assert out["sr_still_exploring"] and not out["sr_more_than_bc"]
+  assert "a +10.00 vs +1.00" in out["text"]
+  curves["SR-ADAM"]["b"]["mean"] = [40.0, 40.0]
+  curves["BC-ADAM"]["b"]["mean"] = [28.0, 30.0]
+  out = sign_flips.statement(final, curves)
+  assert not out["sr_still_exploring"] and "not in every layer" in out["text"]
+  one_epoch = {k: {n: {"mean": c["mean"][-1:]} for n, c in v.items()}
+               for k, v in curves.items()}
+  assert "sr_still_exploring" not in sign_flips.statement(final, one_epoch)
 
 
 def test_imagenet_raises_a_clear_error():
