@@ -1,11 +1,16 @@
-"""Every notebook runs top to bottom at smoke scale and is stored without
-outputs.
+"""Every notebook is stored executed at cpu scale and runs top to bottom at
+smoke scale.
+
+The stored notebooks carry the outputs of a whole run at ``cpu`` scale
+(``python notebooks/execute.py --scale cpu notebooks/<name>.ipynb``), so
+their tables and figures read without running anything.
 
 Each notebook is executed with nbclient in a fresh ``python3`` kernel, from the
 repo root, with ``QJAX_SCALE=smoke`` and ``QJAX_NOTEBOOK_OUT`` a temporary
 folder; the kernel inherits this process's environment.
 """
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -36,20 +41,30 @@ def _check_kernel():
 
 def test_notebooks_found():
   names = {p.stem for p in NOTEBOOKS}
-  expected = {"table1", "sign_flips", "batch_size", "convex_floors",
-              "markov_chain", "float_formats"}
+  expected = {"table1", "sign_flips", "batch_size", "bit_width",
+              "convex_floors", "markov_chain", "float_formats"}
   assert expected <= names, f"missing notebooks: {sorted(expected - names)}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_stored_without_outputs(path):
+def test_stored_executed_at_cpu_scale(path):
   nb = nbformat.read(path, as_version=4)
-  dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and
-           (c.outputs or c.execution_count is not None)]
-  assert not dirty, (
-      f"{path.name}: code cells {dirty} carry outputs; strip them with "
-      f"`jupyter nbconvert --clear-output --inplace {path.relative_to(ROOT)}` "
-      "(nbconvert comes with `pip install -e '.[notebooks]'`).")
+  how = f"run `python notebooks/execute.py --scale cpu {path.relative_to(ROOT)}`"
+  meta = nb.metadata.get("qjax", {})
+  assert meta.get("scale") == "cpu", (
+      f"{path.name} is not stored executed at cpu scale (metadata "
+      f"{meta or 'missing'}); {how}")
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  counts = [c.execution_count for c in code]
+  assert counts == list(range(1, len(code) + 1)), (
+      f"{path.name}: execution counts {counts} are not one run top to "
+      f"bottom; {how}")
+  errors = [i for i, c in enumerate(code)
+            if any(o.output_type == "error" for o in c.outputs)]
+  assert not errors, f"{path.name}: code cells {errors} stored an error"
+  images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+  assert images, f"{path.name}: no figure stored"
+  assert meta.get("wall_s", 0) > 0 and meta.get("commit"), meta
 
 
 def test_readme_lists_every_notebook():
@@ -86,3 +101,25 @@ def test_notebook_runs_at_smoke_scale(path, tmp_path, monkeypatch):
   if error:
     pytest.fail(error, pytrace=False)
   assert list(tmp_path.glob("*.png")), f"{path.name} wrote no figure"
+
+
+def _executor():
+  spec = importlib.util.spec_from_file_location(
+      "notebook_execute", ROOT / "notebooks" / "execute.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_executor_stores_progress_bars_as_shown():
+  collapse = _executor()._collapse
+  assert collapse("10%|#  \r50%|##### \r100%|##########\nnext\n") == (
+      "100%|##########\nnext\n")
+  assert collapse("no bars\n") == "no bars\n"
+
+
+def test_executor_refuses_missing_notebook(capsys):
+  with pytest.raises(SystemExit) as e:
+    _executor().main(["--scale", "cpu", "notebooks/no_such.ipynb"])
+  assert e.value.code == 2
+  assert "no such notebook: notebooks/no_such.ipynb" in capsys.readouterr().err
