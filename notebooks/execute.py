@@ -7,7 +7,7 @@ repo root, with ``QJAX_SCALE`` set and ``QJAX_NOTEBOOK_OUT`` unset (the
 notebook's default, ``results/notebooks/<name>/``). The executed notebook
 is written back with its outputs and, in its metadata under ``qjax``, the
 scale, the wall time in seconds, the date and the commit it ran at (with
-``+dirty`` if the working tree had changes). Progress bars are stored as a
+``+dirty`` if tracked files other than the notebooks had changes). Progress bars are stored as a
 terminal would show them at the end (carriage-return updates collapsed).
 A cell that fails stops the notebook, which is then not written (exit 1).
 """
@@ -35,8 +35,10 @@ def _commit() -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
                           text=True, check=False).stdout.strip()
   sha = git("rev-parse", "--short", "HEAD") or "unknown"
-  return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
-                else "")
+  # The notebooks themselves change as a batch executes: not counted.
+  changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                ":(exclude)notebooks/*.ipynb")
+  return sha + ("+dirty" if changed else "")
 
 
 def _collapse(text: str) -> str:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import sweep_throughput
@@ -287,15 +288,33 @@ def test_batch_size_same_steps_scales_epochs_and_decays():
   assert (e["epochs"], e["lr_decay_epochs"]) == (160, [82, 122])  # untouched
   (cpu,) = batch_size.config("cpu")["experiments"]
   assert cpu["same_steps"]
-  assert batch_size.same_steps_exp(cpu, 512)["epochs"] == 4 * cpu["epochs"]
+  four = batch_size.same_steps_exp(cpu, 512)
+  assert (four["epochs"], four["lr_decay_epochs"]) == (24, [12, 20])
+  assert (cpu["epochs"], cpu["lr_decay_epochs"]) == (6, [3, 5])
 
 
 def test_batch_size_statement():
-  holds = batch_size.statement({"SR-ADAM": {128: 9.0, 1024: 5.0},
-                                "BC-ADAM": {128: 3.0, 1024: 2.9}})
-  assert holds["holds"] and holds["sr"] == {"best_batch": 1024, "gain": 4.0}
-  fails = batch_size.statement({"SR-ADAM": {128: 5.0, 1024: 6.0},
-                                "BC-ADAM": {128: 3.0, 1024: 3.5}})
+  # Per seed (3 seeds): SR gains 4 pp at 1024 with a spread of 0.1.
+  holds = batch_size.statement(
+      {"SR-ADAM": {128: [9.0, 9.1, 8.9], 1024: [5.0, 5.0, 5.0]},
+       "BC-ADAM": {128: [3.0, 3.0, 3.0], 1024: [2.9, 3.0, 2.8]}})
+  assert holds["holds"] and holds["sr"]["best_batch"] == 1024
+  assert holds["sr"]["gain"] == pytest.approx(4.0)
+  pair = holds["sr"]["pairs"][1024]
+  d = np.array([4.0, 4.1, 3.9])  # 128 minus 1024, per seed
+  assert pair["mean"] == pytest.approx(d.mean())
+  assert pair["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+  assert "1024: +4.00 ± 0.06 (holds)" in holds["text"]
+  # The same mean gain, but seeds disagree: not resolved, so no claim.
+  noisy = batch_size.statement(
+      {"SR-ADAM": {128: [13.0, 5.0, 9.0], 1024: [5.0, 9.0, 1.0]},
+       "BC-ADAM": {128: [3.0, 3.0, 3.0], 1024: [3.0, 3.0, 3.0]}})
+  assert noisy["sr"]["gain"] == pytest.approx(4.0)
+  assert noisy["sr"]["pairs"][1024]["verdict"] == "not resolved"
+  assert not noisy["holds"]
+  fails = batch_size.statement(
+      {"SR-ADAM": {128: [5.0, 5.0], 1024: [6.0, 6.1]},
+       "BC-ADAM": {128: [3.0, 3.0], 1024: [3.5, 3.4]}})
   assert not fails["holds"] and fails["sr"]["gain"] == 0.0
 
 
