@@ -85,6 +85,21 @@ def test_pareto_front_by_hand():
   points = [(100, 5.0), (50, 6.0), (50, 7.0), (200, 5.0), (10, 20.0),
             (100, 4.0)]
   assert bit_width.pareto(points) == [False, True, False, False, True, True]
+  assert bit_width.pareto(points, same_bytes=0) == [
+      False, True, False, False, True, True]
+
+
+def test_pareto_front_treats_near_equal_bytes_as_equal():
+  # The measured case: R's state is SR's less an 8-byte key, with a higher
+  # error; it must not join the front for those 8 bytes.
+  sr, r = (224330, 2.69), (224322, 3.04)
+  bop, fp = (111300, 14.30), (293874, 2.62)
+  assert bit_width.pareto([sr, r, bop, fp]) == [True, False, True, True]
+  assert bit_width.pareto([sr, r, bop, fp], same_bytes=0) == [
+      True, True, True, True]
+  # Beyond 1 % fewer bytes is fewer: 2 % smaller and worse stays on it.
+  assert bit_width.pareto([(100, 1.0), (98, 2.0)]) == [True, True]
+  assert bit_width.pareto([(100, 1.0), (99.5, 2.0)]) == [True, False]
 
 
 @pytest.mark.parametrize("setting, match", [

@@ -49,7 +49,8 @@ def test_notebooks_found():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_stored_executed_at_cpu_scale(path):
   nb = nbformat.read(path, as_version=4)
-  how = f"run `python notebooks/execute.py --scale cpu {path.relative_to(ROOT)}`"
+  how = ("run `python notebooks/execute.py --scale cpu "
+         f"{path.relative_to(ROOT)}`")
   meta = nb.metadata.get("qjax", {})
   assert meta.get("scale") == "cpu", (
       f"{path.name} is not stored executed at cpu scale (metadata "
@@ -62,7 +63,8 @@ def test_stored_executed_at_cpu_scale(path):
   errors = [i for i, c in enumerate(code)
             if any(o.output_type == "error" for o in c.outputs)]
   assert not errors, f"{path.name}: code cells {errors} stored an error"
-  images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+  images = [o for c in code for o in c.outputs
+            if "image/png" in o.get("data", {})]
   assert images, f"{path.name}: no figure stored"
   assert meta.get("wall_s", 0) > 0 and meta.get("commit"), meta
 
