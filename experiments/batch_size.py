@@ -55,7 +55,6 @@ import numpy as np
 from experiments import common
 from experiments import table1
 from qjax import methods as methods_lib
-from qjax import results as results_lib
 
 NAME = "batch_size"
 METHODS = ("sr", "bc")
@@ -151,10 +150,7 @@ def statement(per_method: dict) -> dict:
 def same_steps_exp(exp: dict, batch: int) -> dict:
   """``exp`` with its epochs (and decay epochs) scaled by ``batch`` over the
   smallest batch, so ``batch`` takes about the smallest batch's steps."""
-  factor = batch / min(exp["batch_sizes"])
-  return {**exp, "epochs": max(1, round(exp["epochs"] * factor)),
-          "lr_decay_epochs": [round(e * factor)
-                              for e in exp.get("lr_decay_epochs", [])]}
+  return common.at_same_steps(exp, batch / min(exp["batch_sizes"]))
 
 
 def _runs(exp: dict) -> list[tuple[str, int, dict]]:
@@ -169,48 +165,66 @@ def _runs(exp: dict) -> list[tuple[str, int, dict]]:
   return out
 
 
+def run_experiment(exp: dict, progress: bool = False) -> dict:
+  """SR and BC at every batch size of one experiment: its runs, rows and
+  statements."""
+  t0 = time.time()
+  rows, records = [], []
+  for m in exp["methods"]:
+    for budget, b, run_exp in _runs(exp):
+      r = common.train_method(run_exp, m, batch_size=b,
+                              label=methods_lib.label(m), progress=progress)
+      records.append(r)
+      rows.append({"method": r["label"], "batch_size": b, "budget": budget,
+                   "epochs": run_exp["epochs"], "steps": r["steps"],
+                   "test_error": common.error_summary(r["test_error"]),
+                   "errors": [100 * float(v) for v in r["test_error"]],
+                   "flips": common.final_flips(r), "seconds": r["seconds"],
+                   "alpha_over_delta": common.alpha_over_delta_text(r)})
+  smallest = min(exp["batch_sizes"])
+  per_budget = {}
+  for row in rows:
+    # The smallest batch is the reference of both comparisons.
+    for budget in ({"epochs", "steps"} if row["batch_size"] == smallest
+                   else {row["budget"]}):
+      per_budget.setdefault(budget, {}).setdefault(
+          row["method"], {})[row["batch_size"]] = row["errors"]
+  found = statement(per_budget["epochs"])
+  if exp.get("same_steps"):
+    found["same_steps"] = statement(per_budget["steps"])
+  return {"name": exp["name"], "config": exp, "data": common.describe(exp),
+          "runs": records, "rows": rows, "statement": found,
+          "seconds": time.time() - t0}
+
+
+def check(cfg: dict) -> None:
+  """Refuses, before any training, a sweep that compares nothing.
+
+  Raises:
+    common.ConfigError: fewer than two distinct batch sizes.
+  """
+  for e in cfg["experiments"]:
+    sizes = e.get("batch_sizes", [])
+    if len(set(sizes)) < 2:
+      raise common.ConfigError(
+          f"{e['name']}: batch_sizes={sizes!r}: the batch-size experiment "
+          "compares at least two distinct batch sizes "
+          "(--set batch_sizes=[128,512]).")
+
+
 def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   """Trains SR and BC at every batch size of each experiment: at the same
-  epochs (the paper) and, with ``same_steps``, at the same steps."""
+  epochs (the paper) and, with ``same_steps``, at the same steps.
+
+  Raises:
+    common.ConfigError: fewer than two distinct batch sizes.
+  """
+  check(cfg)
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
-  t0 = time.time()
-  results = {"name": NAME, "scale": cfg["scale"], "config": cfg,
-             "environment": results_lib.environment(), "experiments": []}
-  for exp in cfg["experiments"]:
-    t1 = time.time()
-    rows, records = [], []
-    for m in exp["methods"]:
-      for budget, b, run_exp in _runs(exp):
-        r = common.train_method(run_exp, m, batch_size=b,
-                                label=methods_lib.label(m), progress=progress)
-        records.append(r)
-        rows.append({"method": r["label"], "batch_size": b, "budget": budget,
-                     "epochs": run_exp["epochs"], "steps": r["steps"],
-                     "test_error": common.error_summary(r["test_error"]),
-                     "errors": [100 * float(v) for v in r["test_error"]],
-                     "flips": common.final_flips(r), "seconds": r["seconds"],
-                     "alpha_over_delta": common.alpha_over_delta_text(r)})
-    smallest = min(exp["batch_sizes"])
-    per_budget = {}
-    for row in rows:
-      # The smallest batch is the reference of both comparisons.
-      for budget in ({"epochs", "steps"} if row["batch_size"] == smallest
-                     else {row["budget"]}):
-        per_budget.setdefault(budget, {}).setdefault(
-            row["method"], {})[row["batch_size"]] = row["errors"]
-    found = statement(per_budget["epochs"])
-    if exp.get("same_steps"):
-      found["same_steps"] = statement(per_budget["steps"])
-    results["experiments"].append({
-        "name": exp["name"], "config": exp, "data": common.describe(exp),
-        "runs": records, "rows": rows, "statement": found,
-        "seconds": time.time() - t1})
-  results["wall_seconds"] = time.time() - t0
-  results["table_md"] = table(results)
-  if out_dir:
-    write(results, out_dir)
-  return results
+  return common.run_each(NAME, cfg,
+                         lambda exp: run_experiment(exp, progress),
+                         table, write, out_dir)
 
 
 def table(results: dict) -> str:
@@ -246,7 +260,9 @@ def table(results: dict) -> str:
 
 def write(results: dict, out_dir: str) -> None:
   common.write_json(out_dir, "results.json", results)
-  common.write_text(out_dir, "table.md", results["table_md"] + "\n")
+  if not results["experiments"]:
+    return
+  common.write_text(out_dir, "table.md", table(results) + "\n")
   common.write_rows(out_dir, "table.csv", [
       {"experiment": e["name"], "method": r["label"],
        "batch_size": r["batch_size"], "budget": row["budget"],

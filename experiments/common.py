@@ -364,6 +364,14 @@ def final_flips(record: dict) -> dict:
           for layer, v in record["history"][-1]["sign_flips"].items()}
 
 
+def at_same_steps(exp: dict, factor: float) -> dict:
+  """``exp`` with its epochs and decay epochs scaled by ``factor``: a batch
+  ``factor`` times larger then takes about the same number of steps."""
+  return {**exp, "epochs": max(1, round(exp["epochs"] * factor)),
+          "lr_decay_epochs": [round(e * factor)
+                              for e in exp.get("lr_decay_epochs", [])]}
+
+
 def run_each(name: str, cfg: dict, run_experiment: Callable,
              table: Callable, write: Callable,
              out_dir: str | None = None) -> dict:

@@ -47,7 +47,6 @@ import numpy as np
 
 from experiments import common
 from qjax import methods as methods_lib
-from qjax import results as results_lib
 
 NAME = "sign_flips"
 METHODS = ("r", "sr", "bc")
@@ -137,33 +136,30 @@ def statement(final: dict, curves: dict | None = None) -> dict:
   return out
 
 
+def run_experiment(exp: dict, progress: bool = False) -> dict:
+  """R, SR and BC on one experiment; per-epoch, per-layer % changed."""
+  t0 = time.time()
+  records = [common.train_method(exp, m, batch_size=exp["batch_size"],
+                                 label=methods_lib.label(m),
+                                 progress=progress)
+             for m in exp["methods"]]
+  final = {r["label"]: common.final_flips(r) for r in records}
+  per_epoch = {r["label"]: curves(r) for r in records}
+  return {"name": exp["name"], "config": exp, "data": common.describe(exp),
+          "methods": records, "curves": per_epoch, "final": final,
+          "test_error": {r["label"]: common.error_summary(r["test_error"])
+                         for r in records},
+          "statement": statement(final, per_epoch),
+          "seconds": time.time() - t0}
+
+
 def run(cfg: dict, out_dir: str | None = None, progress: bool = False) -> dict:
   """Trains R, SR and BC per experiment; per-epoch, per-layer % changed."""
   common.check_supported(cfg["experiments"])
   common.enable_compilation_cache()
-  t0 = time.time()
-  results = {"name": NAME, "scale": cfg["scale"],
-             "environment": results_lib.environment(), "experiments": []}
-  for exp in cfg["experiments"]:
-    t1 = time.time()
-    records = [common.train_method(exp, m, batch_size=exp["batch_size"],
-                                   label=methods_lib.label(m),
-                                   progress=progress)
-               for m in exp["methods"]]
-    final = {r["label"]: common.final_flips(r) for r in records}
-    per_epoch = {r["label"]: curves(r) for r in records}
-    results["experiments"].append({
-        "name": exp["name"], "config": exp, "data": common.describe(exp),
-        "methods": records, "curves": per_epoch, "final": final,
-        "test_error": {r["label"]: common.error_summary(r["test_error"])
-                       for r in records},
-        "statement": statement(final, per_epoch),
-        "seconds": time.time() - t1})
-  results["wall_seconds"] = time.time() - t0
-  results["table_md"] = table(results)
-  if out_dir:
-    write(results, out_dir)
-  return results
+  return common.run_each(NAME, cfg,
+                         lambda exp: run_experiment(exp, progress),
+                         table, write, out_dir)
 
 
 def table(results: dict) -> str:
@@ -187,7 +183,9 @@ def table(results: dict) -> str:
 
 def write(results: dict, out_dir: str) -> None:
   common.write_json(out_dir, "results.json", results)
-  common.write_text(out_dir, "table.md", results["table_md"] + "\n")
+  if not results["experiments"]:
+    return
+  common.write_text(out_dir, "table.md", table(results) + "\n")
   common.write_rows(out_dir, "flips.csv", [
       {"experiment": e["name"], "method": r["label"], "epoch": h["epoch"],
        "layer": layer, "seed": seed, "percent_changed": 100 * v}

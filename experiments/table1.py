@@ -257,11 +257,9 @@ def _row_experiment(exp: dict, row: dict, records: dict) -> dict | None:
     return exp
   if not exp.get("big_same_steps"):
     return None
-  factor = exp["big_batch_size"] // exp["batch_size"]
-  big = records["Big SR-ADAM"]
-  return {**exp, "lrs": [big["best_lr"]], "epochs": exp["epochs"] * factor,
-          "lr_decay_epochs": [d * factor for d in exp.get("lr_decay_epochs",
-                                                           [])]}
+  factor = exp["big_batch_size"] / exp["batch_size"]
+  return {**common.at_same_steps(exp, factor),
+          "lrs": [records["Big SR-ADAM"]["best_lr"]]}
 
 
 def run_experiment(exp: dict, rows, progress: bool = False) -> dict:

@@ -293,6 +293,17 @@ def test_batch_size_same_steps_scales_epochs_and_decays():
   assert (cpu["epochs"], cpu["lr_decay_epochs"]) == (6, [3, 5])
 
 
+def test_batch_size_refuses_a_single_batch_size(tmp_path, capsys):
+  # One batch size (or one repeated) compares nothing: refused before any
+  # training, with the key to change, and nothing written.
+  for sizes in ("[32]", "[64,64]"):
+    assert batch_size.main(["--scale", "smoke", "--set",
+                            f"batch_sizes={sizes}", "--out",
+                            str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "at least two distinct batch sizes" in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()
+
+
 def test_batch_size_statement():
   # Per seed (3 seeds): SR gains 4 pp at 1024 with a spread of 0.1.
   holds = batch_size.statement(
