@@ -4,7 +4,9 @@ It makes no timing claim (timings belong to the benchmark's own output); it
 checks that the benchmark still runs against the engine's current API.
 """
 
+import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,7 +106,7 @@ def test_step_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
       assert r["ratio"] == pytest.approx(
           r["qjax_steps_per_s"] / r["torch_steps_per_s"])
   out = capsys.readouterr().out
-  assert "| sr-adam |" in out and "% of sgemm" in out
+  assert "| mlp | sr-adam |" in out and "% of sgemm" in out
   sgemm = result["sgemm"]
   assert sgemm["flops"] > 1e8 and "numpy" in sgemm["by_backend"]
   assert "1024x1024x1024" in sgemm["by_backend"]["numpy"]
@@ -121,6 +123,29 @@ def test_mlp_step_flops_by_hand():
   # One layer 4 -> 3 (features=()), batch 2: forward 2*2*4*3 = 48, weight
   # gradient 48, no input gradient.
   assert step_throughput.mlp_step_flops((), 2, inputs=4, classes=3) == 96
+
+
+def test_allconv_step_flops_by_hand():
+  from benchmarks import step_throughput
+  # conv 1 -> 4 at 4x4, pool, conv 4 -> 8 at 2x2, dense 8 -> 3, batch 2:
+  # first conv 2*2*16*9*1*4 = 2304, twice (no input gradient); second conv
+  # 2*2*4*9*4*8 = 4608, three times; dense 2*2*8*3 = 96, three times.
+  assert step_throughput.allconv_step_flops(
+      (4, "M", 8), 2, size=4, channels=1, classes=3) == (
+          2 * 2304 + 3 * 4608 + 3 * 96)
+
+
+def test_step_throughput_runs_the_allconv_net(tmp_path, capsys):
+  from benchmarks import step_throughput
+  result = step_throughput.main(["--model", "allconv", "--methods", "sr",
+                                 "--steps", "2", "--repeats", "1",
+                                 "--batch", "8", "--out",
+                                 str(tmp_path / "s.json")])
+  (row,) = result["rows"]
+  assert row["model"] == "allconv" and row["qjax_steps_per_s"] > 0
+  assert row["step_flops"] == step_throughput.allconv_step_flops(
+      step_throughput.CONV_SPEC, 8)
+  assert "| allconv | sr-adam |" in capsys.readouterr().out
 
 
 def test_format_step_benchmark_compares_sr_with_r(tmp_path, capsys):
@@ -150,10 +175,131 @@ def test_torch_reference_is_the_method_it_claims(method):
   y = (x @ w).argmax(-1)
   losses = [float(ref.step(x[t % 64], y[t % 64])) for t in range(192)]
   assert np.mean(losses[-16:]) < 0.8 * np.mean(losses[:16]), losses[::16]
-  for m, h in zip(ref.linears, ref.scales):
+  for m, h in zip(ref.quantized, ref.scales):
     h = float(torch.tensor(h, dtype=torch.float32))  # the stored points
     values = torch.unique(m.weight.detach())
     if method in ("sr", "r"):
       assert set(values.tolist()) <= {-h, h}
     elif method == "bc":
       assert float(values.abs().max()) <= h + 1e-7 and values.numel() > 2
+
+
+@pytest.mark.parametrize("method", ["fp", "bc", "sr", "r"])
+def test_torch_allconv_reference_quantizes_the_conv_kernels(method):
+  """The all-conv reference: conv kernels on ±1 (SR, R) or clipped latents
+  (BC), the classifier float, and it trains."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_reference
+  ref = torch_reference.ReferenceStep(method, model="allconv",
+                                      conv_spec=(8, "M", 8), lr=3e-3)
+  assert [type(m).__name__ for m in ref.quantized] == ["Conv2d", "Conv2d"]
+  assert ref.scales == [1.0, 1.0]
+  g = torch.Generator().manual_seed(0)
+  x = torch.rand((8, 32, 1, 14, 14), generator=g)
+  y = (x.mean((2, 3, 4)) * 10).long().clamp(0, 9)  # any fixed labels
+  losses = [float(ref.step(x[t % 8], y[t % 8])) for t in range(40)]
+  assert np.isfinite(losses).all()
+  for m in ref.quantized:
+    values = torch.unique(m.weight.detach())
+    if method in ("sr", "r"):
+      assert set(values.tolist()) <= {-1.0, 1.0}
+    elif method == "bc":
+      assert float(values.abs().max()) <= 1.0 and values.numel() > 2
+  head = ref.model[-1]
+  assert torch.unique(head.weight.detach()).numel() > 2  # float classifier
+
+
+def _write_idx(path, array):
+  array = np.asarray(array, np.uint8)
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+      int(d).to_bytes(4, "big") for d in array.shape)
+  path.write_bytes(header + array.tobytes())
+
+
+def test_torch_reference_command_trains_configs_on_cached_mnist(
+    tmp_path, monkeypatch, capsys):
+  pytest.importorskip("torch")
+  from benchmarks import torch_reference
+  rng = np.random.default_rng(0)
+  root = tmp_path / "mnist"
+  root.mkdir()
+  for split, n in (("train", 256), ("t10k", 64)):
+    labels = rng.integers(0, 10, n)
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i, c in enumerate(labels):  # a bright row per class: learnable
+      images[i, 2 * c + 4] = 255
+    _write_idx(root / f"{split}-images-idx3-ubyte", images)
+    _write_idx(root / f"{split}-labels-idx1-ubyte", labels)
+  monkeypatch.setenv("QJAX_DATA", str(tmp_path))
+  rows = torch_reference.main(["--method", "fp", "--lrs", "0.01,0.003",
+                               "--seeds", "0,1", "--epochs", "3",
+                               "--batch", "32"])
+  assert [(r["lr"], r["seed"]) for r in rows] == [
+      (0.01, 0), (0.01, 1), (0.003, 0), (0.003, 1)]
+  assert rows[0]["test_error"] < 0.5  # chance is 0.9
+  assert "fp lr 0.01 seed 0: test error" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    torch_reference.main(["--lrs", "-0.1"])
+  monkeypatch.setenv("QJAX_DATA", str(tmp_path / "none"))
+  with pytest.raises(FileNotFoundError, match="qjax.data fetch mnist"):
+    torch_reference.main([])
+
+
+def test_sweep_vs_torch_commands_are_the_requested_sweep():
+  """Both commands parse, and ask for the same 16 configs of the same net."""
+  from benchmarks import sweep_vs_torch
+  from experiments import train as train_cli
+  args = argparse.Namespace(method="bc", lrs=(0.0003, 0.001, 0.003, 0.01),
+                            seeds=(0, 1, 2, 3), epochs=1, batch=128)
+  q = train_cli.parser().parse_args(
+      sweep_vs_torch.qjax_command(args, "/tmp/o")[3:])
+  assert (tuple(q.methods), tuple(q.lrs), tuple(q.seeds)) == (
+      ("bc",), args.lrs, args.seeds)
+  assert (tuple(q.mlp_features), q.epochs, q.batch_size) == ((512, 512), 1,
+                                                             128)
+  assert q.no_checkpoint
+  cmd = sweep_vs_torch.torch_command(args, "/tmp/t.json")
+  assert cmd[1:3] == ["-m", "benchmarks.torch_reference"]
+  assert cmd[cmd.index("--lrs") + 1] == "0.0003,0.001,0.003,0.01"
+  assert cmd[cmd.index("--seeds") + 1] == "0,1,2,3"
+
+
+def test_sweep_vs_torch_ratios_and_verdicts(monkeypatch, tmp_path, capsys):
+  """The table's ratios are the fastest times' ratios; verdicts against
+  the 0.5 target; the test errors each process wrote are shown."""
+  from benchmarks import sweep_vs_torch
+  fake = {"qjax_cold": [30.0, 20.0], "qjax_warm": [12.0, 15.0],
+          "torch": [50.0, 44.0]}
+  calls = []
+
+  def timed(cmd, env):
+    kind = ["qjax_cold", "qjax_warm", "torch"][len(calls) % 3]
+    assert ("benchmarks.torch_reference" in cmd) == (kind == "torch")
+    calls.append((kind, env.get("QJAX_COMPILATION_CACHE")))
+    out = cmd[cmd.index("--out") + 1]
+    if kind == "torch":
+      with open(out, "w") as f:
+        json.dump({"rows": [{"test_error": 0.03}, {"test_error": 0.05}]}, f)
+    else:
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"runs": [{"history": [{"test_error": [0.02, 0.04]}]}]}, f)
+    return fake[kind][(len(calls) - 1) // 3]
+
+  monkeypatch.setattr(sweep_vs_torch, "_timed", timed)
+  monkeypatch.setattr(sweep_vs_torch.importlib.util, "find_spec",
+                      lambda name: object())
+  result = sweep_vs_torch.main(["--repeats", "2", "--lrs", "0.001,0.01",
+                                "--seeds", "0", "--out",
+                                str(tmp_path / "r.json")])
+  assert result["best_s"] == {"qjax_cold": 20.0, "qjax_warm": 12.0,
+                              "torch": 44.0}
+  assert result["ratio"]["qjax_cold"] == pytest.approx(20 / 44)
+  # Each repeat's cold run starts from its own cache, the warm run reuses it.
+  assert calls[0][1] == calls[1][1] != calls[3][1] == calls[4][1]
+  out = capsys.readouterr().out
+  assert "| qjax, empty compilation cache | 20.0 | 0.45 | met |" in out
+  assert "| qjax, its cache from the run before | 12.0 | 0.27 | met |" in out
+  assert "3.00 % mean, 2.00-4.00" in out and "4.00 % mean, 3.00-5.00" in out
+  with open(tmp_path / "r.json") as f:
+    assert json.load(f)["configs"] == 2
