@@ -11,9 +11,11 @@ ratio, one row per method.
 What is timed:
 
 * qjax: the engine's own compiled epoch program for one config
-  (``qjax.sweep.programs(...).run_epoch``, the scanned steps a
-  ``qjax.sweep.train`` epoch runs), ``--steps`` batches, after a warm-up
-  epoch that compiles, until ``jax.block_until_ready``.
+  (``qjax.sweep.programs(...).run_epoch`` with the strategy the engine
+  picks, :func:`qjax.sweep.choose_strategy`: the scanned steps of a
+  ``qjax.sweep.train`` epoch for the MLP, a Python loop of jitted steps for
+  the convnet on CPU), ``--steps`` batches, after a warm-up epoch that
+  compiles, until ``jax.block_until_ready``.
 * PyTorch: ``--steps`` calls of ``ReferenceStep.step`` after ``--warmup``
   steps, with ``torch.set_num_threads`` left at its default (one per core).
 
@@ -177,7 +179,9 @@ def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
                                    epochs=1, steps_per_epoch=steps,
                                    grid="binary", mask="conv")
     shape = (CONV_SIZE, CONV_SIZE, 1)
-  programs = sweep_lib.programs(net, config, sweep_lib.Strategy())
+  # The strategy the engine itself picks (a scanned epoch for the MLP; on
+  # CPU a Python loop of jitted steps for the convnet).
+  programs = sweep_lib.programs(net, config, sweep_lib.choose_strategy(model))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((steps * batch, *shape), np.float32))
   y = jnp.asarray(rng.integers(0, 10, steps * batch), jnp.int32)
