@@ -226,7 +226,10 @@ def error_table(runs: list[dict]) -> str:
   rate, grid scale, Bop's threshold, ...): configs that differ in anything
   but the seed are never averaged together. The metric is the test error
   (%) when recorded, else the task's first test metric (e.g. ``test_mse``);
-  with a validation split the validation value gets its own column.
+  with a validation split the validation value gets its own column. Runs
+  that record ``alpha_over_delta`` (per config, per quantized layer: lr
+  over the grid's spacing, as ``experiments.train`` writes) get an α/Δ
+  column, the range over the layers.
   """
   names = swept_names(runs)
   metric = headline_metric(runs)
@@ -235,8 +238,10 @@ def error_table(runs: list[dict]) -> str:
   percent = metric.endswith("error")
   title = metric[len("test_"):].replace("_", " ") + (" (%)" if percent
                                                      else "")
+  has_ratio = any(run.get("alpha_over_delta") for run in runs)
   columns = ["method"] + names + [f"test {title}"] + (
-      [f"val {title}"] if has_val else []) + ["seeds"]
+      [f"val {title}"] if has_val else []) + ["seeds"] + (
+          ["α/Δ"] if has_ratio else [])
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   scale = 100 if percent else 1
   for run in runs:
@@ -249,8 +254,21 @@ def error_table(runs: list[dict]) -> str:
         cells.append(f"{s['mean']:.2f} ± {s['std']:.2f}" if percent
                      else f"{s['mean']:.4g} ± {s['std']:.2g}")
       cells.append(str(len(idx)))
+      if has_ratio:
+        cells.append(_ratio_cell(run.get("alpha_over_delta"), idx))
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def _ratio_cell(per_config, idx) -> str:
+  """α/Δ over the quantized layers of configs ``idx``: ``lo-hi`` (3
+  significant digits), or ``-`` where nothing is quantized."""
+  values = [v for i in idx for v in ((per_config or [None] * (i + 1))[i]
+                                     or {}).values()]
+  if not values:
+    return "-"
+  lo, hi = min(values), max(values)
+  return f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}-{hi:.3g}"
 
 
 def _cell(v) -> str:

@@ -323,12 +323,21 @@ def test_results_record_commit_time_versions_model_and_grids(first_run):
 
 def test_results_record_and_print_alpha_over_delta(tmp_path, capsys):
   out = tmp_path / "a"
-  assert _run(out, "--lrs", "0.01,0.1", "--grids", "binary") == 0
+  assert _run(out, "--lrs", "0.01,0.1", "--grids", "binary",
+              "--methods", "fp,sr") == 0
   printed = capsys.readouterr().out
   # ±1 (Δ = 2): lr 0.01 is the paper's 0.005, lr 0.1 is 0.05.
   assert "lr 0.01: 0.005, lr 0.1: 0.05" in printed
+  # ... and in the table, one row per lr; full precision has none.
+  rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]):
+          line.strip("|").split("|")[-1].strip()
+          for line in (out / "table.md").read_text().splitlines()[2:]}
+  assert rows == {("ADAM", "0.01"): "-", ("ADAM", "0.1"): "-",
+                  ("SR-ADAM [binary:1]", "0.01"): "0.005",
+                  ("SR-ADAM [binary:1]", "0.1"): "0.05"}
+  assert "| α/Δ |" in (out / "table.md").read_text()
   payload = json.loads((out / "results.json").read_text())
-  run = payload["runs"][0]
+  run = payload["runs"][1]
   assert [c["lr"] for c in run["configs"]] == pytest.approx([0.01, 0.1])
   for c, ratios in zip(run["configs"], run["alpha_over_delta"]):
     assert ratios == pytest.approx({"Dense_0/kernel": c["lr"] / 2,
