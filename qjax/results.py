@@ -263,8 +263,9 @@ def error_table(runs: list[dict]) -> str:
 def _ratio_cell(per_config, idx) -> str:
   """α/Δ over the quantized layers of configs ``idx``: ``lo-hi`` (3
   significant digits), or ``-`` where nothing is quantized."""
-  values = [v for i in idx for v in ((per_config or [None] * (i + 1))[i]
-                                     or {}).values()]
+  per_config = per_config or []
+  values = [v for i in idx if i < len(per_config) and per_config[i]
+            for v in per_config[i].values()]
   if not values:
     return "-"
   lo, hi = min(values), max(values)
