@@ -9,12 +9,11 @@ only measures; it prints both times and their ratio.
 
 What is timed: each command as a fresh subprocess, from start to exit
 (interpreter and library start-up, data loading, compilation, training and
-the test evaluation of every config), wall clock. qjax runs with an empty
-persistent compilation cache (``QJAX_COMPILATION_CACHE`` set to a fresh
-directory: a first run, compilation included) and then once more on that
-cache (what a researcher's second sweep of the same shapes costs), with
-``--no-checkpoint`` (the PyTorch loop writes none). Rounds alternate; the
-fastest of ``--repeats`` counts for each. Both report each config's test
+the test evaluation of every config), wall clock. qjax's command compiles
+every time (``experiments.train`` does not use JAX's persistent
+compilation cache) and runs with ``--no-checkpoint`` (the PyTorch loop
+writes none). Rounds alternate; the fastest of ``--repeats`` counts for
+each. Both report each config's test
 error, printed as mean and range so a fast wrong run shows.
 
 Needs MNIST in qjax's cache (``python -m qjax.data fetch mnist``) and torch
@@ -90,18 +89,15 @@ def _errors_text(errors: list[float]) -> str:
 def bench(args) -> dict:
   has_torch = importlib.util.find_spec("torch") is not None
   env = dict(os.environ)
-  times = {"qjax_cold": [], "qjax_warm": [], "torch": []}
+  times = {"qjax": [], "torch": []}
   errors = {}
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(args.repeats):
-      cache = os.path.join(tmp, f"cache{r}")
-      qenv = {**env, "QJAX_COMPILATION_CACHE": cache}
-      for kind in ("qjax_cold", "qjax_warm"):
-        out = os.path.join(tmp, f"{kind}{r}")
-        times[kind].append(_timed(qjax_command(args, out), qenv))
-        errors[kind] = qjax_errors(out)
-        print(f"  {kind}: {times[kind][-1]:.1f} s; test error "
-              f"{_errors_text(errors[kind])}", flush=True)
+      out = os.path.join(tmp, f"qjax{r}")
+      times["qjax"].append(_timed(qjax_command(args, out), env))
+      errors["qjax"] = qjax_errors(out)
+      print(f"  qjax: {times['qjax'][-1]:.1f} s; test error "
+            f"{_errors_text(errors['qjax'])}", flush=True)
       if has_torch:
         path = os.path.join(tmp, f"torch{r}.json")
         times["torch"].append(_timed(torch_command(args, path), env))
@@ -109,8 +105,8 @@ def bench(args) -> dict:
         print(f"  torch: {times['torch'][-1]:.1f} s; test error "
               f"{_errors_text(errors['torch'])}", flush=True)
   best = {k: (min(v) if v else None) for k, v in times.items()}
-  ratios = {k: (None if best["torch"] is None else best[k] / best["torch"])
-            for k in ("qjax_cold", "qjax_warm")}
+  ratios = {"qjax": (None if best["torch"] is None
+                     else best["qjax"] / best["torch"])}
   return {"configs": len(args.lrs) * len(args.seeds), "times": times,
           "best_s": best, "ratio": ratios, "errors": errors,
           "has_torch": has_torch}
@@ -124,8 +120,7 @@ def format_table(result: dict, args) -> str:
            f"fastest of {args.repeats}.", "",
            "| process | seconds | / PyTorch | target <= "
            f"{TARGET} | test error |", "|---|---:|---:|---|---|"]
-  names = {"qjax_cold": "qjax, empty compilation cache",
-           "qjax_warm": "qjax, its cache from the run before",
+  names = {"qjax": "qjax, python -m experiments.train (one sweep)",
            "torch": "PyTorch, configs one after another"}
   for kind, name in names.items():
     secs = result["best_s"][kind]
