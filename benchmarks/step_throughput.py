@@ -169,16 +169,13 @@ def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
   """A callable running one compiled epoch of ``steps`` for one config."""
   if model == "mlp":
     net = models.get("mlp", 10, features=features)
-    config = train_lib.TrainConfig(method=method, batch_size=batch,
-                                   epochs=1, steps_per_epoch=steps,
-                                   grid=grid)
-    shape = (28, 28, 1)
+    shape, quantized = (28, 28, 1), {"grid": grid}
   else:  # the CPU-scale experiments' net: conv kernels on ±1
     net = models.get("allconv", 10, conv_spec=CONV_SPEC)
-    config = train_lib.TrainConfig(method=method, batch_size=batch,
-                                   epochs=1, steps_per_epoch=steps,
-                                   grid="binary", mask="conv")
-    shape = (CONV_SIZE, CONV_SIZE, 1)
+    shape, quantized = (CONV_SIZE, CONV_SIZE, 1), {"grid": "binary",
+                                                   "mask": "conv"}
+  config = train_lib.TrainConfig(method=method, batch_size=batch, epochs=1,
+                                 steps_per_epoch=steps, **quantized)
   # The strategy the engine itself picks (a scanned epoch for the MLP; on
   # CPU a Python loop of jitted steps for the convnet).
   programs = sweep_lib.programs(net, config, sweep_lib.choose_strategy(model))
