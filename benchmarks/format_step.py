@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=common.positive_int, default=128)
   parser.add_argument("--features", type=common.int_list(1, distinct=False),
                       default="512,512")
-  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--lr", type=common.positive_float, default=1e-3)
   parser.add_argument("--out", default="results/benchmarks/format_step.json")
   args = parser.parse_args(argv)
   configs = [("fp", "glorot")] + [(m, f) for f in args.formats

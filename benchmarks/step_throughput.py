@@ -34,8 +34,12 @@ rate (:func:`measured_sgemm`: the best of numpy's BLAS and, when
 installed, PyTorch's, over the MLP step's own matmul shapes and 1024^3),
 the practical limit, as a percentage.
 
+``--strategy STEPS-CONFIGS`` times another strategy than the engine's
+(e.g. ``scan-vmap``, the MLP's CPU default before 2026-12-07).
+
 Command: ``python -m benchmarks.step_throughput [--model mlp|allconv]
 [--methods fp,bc,sr,r] [--steps 100] [--repeats 3] [--batch 128]
+[--strategy auto|scan-vmap|scan-loop|loop-vmap|loop-loop]
 [--features 512,512] [--out results/benchmarks/step_throughput.json]``.
 """
 
@@ -63,6 +67,7 @@ TARGETS = {"mlp": 1.3, "allconv": 1.0}
 
 INPUTS, CLASSES = 784, 10
 MODELS = ("mlp", "allconv")
+STRATEGIES = ("auto", "scan-vmap", "scan-loop", "loop-vmap", "loop-loop")
 CONV_SPEC = (16, "M", 32, "M", 64)  # experiments.common.allconv_net("cpu")
 CONV_SIZE = 14  # MNIST downsampled 2x2, as the CPU-scale experiments
 
@@ -165,8 +170,10 @@ def measured_sgemm(features, batch: int, repeats: int = 3) -> dict:
 
 
 def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
-                grid: str = "glorot", model: str = "mlp"):
-  """A callable running one compiled epoch of ``steps`` for one config."""
+                grid: str = "glorot", model: str = "mlp", strategy=None):
+  """A callable running one compiled epoch of ``steps`` for one config.
+
+  ``strategy``: default the one the engine picks for ``model``."""
   if model == "mlp":
     net = models.get("mlp", 10, features=features)
     shape, quantized = (28, 28, 1), {"grid": grid}
@@ -178,7 +185,8 @@ def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
                                  steps_per_epoch=steps, **quantized)
   # The strategy the engine itself picks (a scanned epoch for the MLP; on
   # CPU a Python loop of jitted steps for the convnet).
-  programs = sweep_lib.programs(net, config, sweep_lib.choose_strategy(model))
+  programs = sweep_lib.programs(
+      net, config, strategy or sweep_lib.choose_strategy(model))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((steps * batch, *shape), np.float32))
   y = jnp.asarray(rng.integers(0, 10, steps * batch), jnp.int32)
@@ -224,8 +232,10 @@ def _fastest(fn, repeats: int) -> list[float]:
 
 
 def bench(method: str, args) -> dict:
+  strategy = (None if args.strategy == "auto"
+              else sweep_lib.Strategy(*args.strategy.split("-")))
   qjax_run = _qjax_epoch(method, args.features, args.batch, args.steps,
-                         args.lr, model=args.model)
+                         args.lr, model=args.model, strategy=strategy)
   qjax_run()  # compile and warm up
   torch_run = _torch_steps(method, args.features, args.batch, args.steps,
                            args.lr, model=args.model)
@@ -293,7 +303,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=common.positive_int, default=128)
   parser.add_argument("--features", type=common.int_list(1, distinct=False),
                       default="512,512")
-  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--lr", type=common.positive_float, default=1e-3)
+  parser.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                      help="qjax's program: auto (the engine's choice, "
+                      "qjax.sweep.choose_strategy) or STEPS-CONFIGS")
   parser.add_argument("--out",
                       default="results/benchmarks/step_throughput.json")
   args = parser.parse_args(argv)

@@ -620,6 +620,20 @@ def int_list(minimum: int = 0, maximum: int | None = None,
   return parse
 
 
+def positive_float(text: str) -> float:
+  """argparse type: one float > 0, finite in float32 (a learning rate)."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  with np.errstate(over="ignore"):
+    ok = np.isfinite(np.float32(value)) and np.float32(value) > 0
+  if not ok:
+    raise argparse.ArgumentTypeError(
+        f"expected a number > 0 (finite in float32), got {text!r}")
+  return value
+
+
 def positive_float_list(text: str) -> tuple[float, ...]:
   """argparse type: ``"0.01,0.001"`` -> distinct floats > 0, finite in f32."""
   what = "numbers > 0 (finite in float32)"

@@ -12,6 +12,14 @@ over a leading config axis. How the program runs is a :class:`Strategy`:
   calls the unbatched compiled step once per config from Python. For the
   small CNN on XLA:CPU a vmapped step of 8 configs cost 3.2x the unbatched
   step per config, and ``lax.map`` pays the scan penalty, so ``loop`` wins.
+  For the MLP on XLA:CPU ``loop`` won too (2 cores with AVX-512, 2026-12-07,
+  ``python -m benchmarks.sweep_throughput --models mlp --strategies all``:
+  16 SR-ADAM configs trained 72.4k examples/s as scan/loop against 60.7k
+  as scan/vmap; one FP-ADAM config 232 steps/s unbatched against 196
+  vmapped on a config axis of size 1, ``python -m
+  benchmarks.step_breakdown``). The loop's configs run asynchronously, one
+  per CPU device when the CPU is split into devices
+  (:func:`qjax.sweep.cpu_devices`), so both cores stay busy.
 
 :func:`choose_strategy` picks by backend and parameter tree; pass
 ``strategy=`` to :func:`qjax.sweep.sweep` to override. :class:`Programs`
@@ -57,10 +65,12 @@ CONV_MODELS = ("cnn", "allconv", "vgg9", "vgg_bc", "resnet56", "wrn56_2",
 def choose_strategy(params_or_name, backend: str | None = None) -> Strategy:
   """The measured-fastest strategy for a model on ``backend``.
 
-  On CPU a convnet runs as a Python loop of unbatched jitted steps, config
-  after config (a scanned or vmapped conv step measured several times slower
-  there: ``benchmarks/sweep_throughput.py``); MLPs, and every model on
-  GPU/TPU, use a scanned epoch with vmapped configs.
+  On CPU every model runs its configs one after another, unbatched
+  (``configs="loop"``: a vmapped step measured slower there, for the MLP
+  and several times slower for convnets: ``benchmarks/sweep_throughput.py``);
+  a convnet's epoch is a Python loop of jitted steps (a scanned conv step
+  measured several times slower), an MLP's a scanned epoch. On GPU/TPU every
+  model uses a scanned epoch with vmapped configs.
 
   Args:
     params_or_name: the model's parameter tree (arrays or shape structs): a
@@ -72,8 +82,8 @@ def choose_strategy(params_or_name, backend: str | None = None) -> Strategy:
   backend = backend or jax.default_backend()
   conv = (params_or_name in CONV_MODELS if isinstance(params_or_name, str)
           else network_lib.has_conv_kernels(params_or_name))
-  if backend == "cpu" and conv:
-    return Strategy(steps="loop", configs="loop")
+  if backend == "cpu":
+    return Strategy(steps="loop" if conv else "scan", configs="loop")
   return Strategy(steps="scan", configs="vmap")
 
 

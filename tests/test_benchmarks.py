@@ -23,10 +23,11 @@ def test_sweep_throughput_benchmark_writes_its_rows(tmp_path):
   assert saved["rows"] == result["rows"]
   kinds = [(r["scope"], r["kind"], r["strategy"], r["chosen"])
            for r in saved["rows"]]
-  assert kinds == [("steps", "sequential", "scan/vmap", True),
-                   ("steps", "sweep", "scan/vmap", True),
-                   ("runs", "sequential", "scan/vmap", True),
-                   ("runs", "sweep", "scan/vmap", True)]
+  chosen = "scan/loop"  # the engine's choice for an MLP on CPU
+  assert kinds == [("steps", "sequential", chosen, True),
+                   ("steps", "sweep", chosen, True),
+                   ("runs", "sequential", chosen, True),
+                   ("runs", "sweep", chosen, True)]
   for sweep_row in saved["rows"][1::2]:
     assert sweep_row["target"] == 1.5 and isinstance(sweep_row["pass"], bool)
   assert all(r["seconds"] > 0 and r["examples_per_s"] > 0
@@ -298,3 +299,58 @@ def test_sweep_vs_torch_ratios_and_verdicts(monkeypatch, tmp_path, capsys):
   assert "| 44.0 | - | - | 4.00 % mean, 3.00-5.00 |" in out
   with open(tmp_path / "r.json") as f:
     assert json.load(f)["configs"] == 2
+
+
+def test_step_breakdown_times_the_four_programs(tmp_path, capsys):
+  from benchmarks import step_breakdown
+  out = tmp_path / "breakdown.json"
+  result = step_breakdown.main(["--steps", "2", "--repeats", "1", "--batch",
+                                "8", "--features", "16,16", "--out",
+                                str(out)])
+  saved = json.loads(out.read_text())
+  assert set(saved["steps_per_s"]) == set(step_breakdown.PROGRAMS)
+  assert all(v > 0 for v in result["steps_per_s"].values())
+  printed = capsys.readouterr().out
+  for name in step_breakdown.PROGRAMS:
+    assert f"| {name} |" in printed
+
+
+def test_step_breakdown_table_adds_milliseconds_row_by_row():
+  from benchmarks import step_breakdown
+  rates = dict(zip(step_breakdown.PROGRAMS, (500.0, 250.0, 200.0, 400.0)))
+  lines = step_breakdown.format_table(rates).splitlines()[2:]
+  # 2 ms, then 4 ms (+2.00), 5 ms (+1.00), 2.5 ms (-2.50).
+  assert lines[0].endswith("| 2.00 | - |")
+  assert lines[1].endswith("| 4.00 | +2.00 |")
+  assert lines[2].endswith("| 5.00 | +1.00 |")
+  assert lines[3].endswith("| 2.50 | -2.50 |")
+
+
+def test_minimal_step_loss_is_the_mlp_cross_entropy_by_hand():
+  """The breakdown's floor trains the network it claims: its loss at
+  given parameters equals BatchNorm + ReLU + softmax cross-entropy written
+  out in numpy."""
+  import jax
+  from benchmarks import step_breakdown
+  params = step_breakdown.init_mlp(jax.random.PRNGKey(1), (6,), inputs=5,
+                                   classes=3)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 8)
+  h = x @ np.asarray(params["kernel0"], np.float64)
+  h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5)
+  h = np.maximum(h, 0)
+  logits = h @ np.asarray(params["kernel1"], np.float64)
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  expected = -logp[np.arange(8), y].mean()
+  got = float(step_breakdown.mlp_loss(params, x, y, 1))
+  assert abs(got - expected) < 1e-5
+
+
+def test_step_throughput_refuses_a_bad_learning_rate_or_strategy(capsys):
+  from benchmarks import step_throughput
+  for argv in (["--lr", "-0.001"], ["--strategy", "scan-vamp"]):
+    with pytest.raises(SystemExit) as exit_info:
+      step_throughput.main(argv)
+    assert exit_info.value.code == 2
+  assert "expected a number > 0" in capsys.readouterr().err
