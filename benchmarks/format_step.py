@@ -14,6 +14,7 @@ machine's load drifts).
 
 Command: ``python -m benchmarks.format_step [--formats bf16,fp8_e4m3]
 [--steps 100] [--repeats 5] [--batch 128] [--features 512,512]
+[--strategy auto|scan-vmap|...]
 [--out results/benchmarks/format_step.json]``.
 """
 
@@ -26,6 +27,7 @@ from benchmarks import step_throughput
 from experiments import common
 from qjax import formats
 from qjax import results as results_lib
+from qjax import sweep as sweep_lib
 
 TARGET = 1.15  # SR step time / R step time, same format
 
@@ -46,14 +48,20 @@ def main(argv=None) -> dict:
   parser.add_argument("--features", type=common.int_list(1, distinct=False),
                       default="512,512")
   parser.add_argument("--lr", type=common.positive_float, default=1e-3)
+  parser.add_argument("--strategy", default="auto",
+                      choices=step_throughput.STRATEGIES,
+                      help="auto (the engine's choice) or STEPS-CONFIGS")
   parser.add_argument("--out", default="results/benchmarks/format_step.json")
   args = parser.parse_args(argv)
+  strategy = (None if args.strategy == "auto"
+              else sweep_lib.Strategy(*args.strategy.split("-")))
   configs = [("fp", "glorot")] + [(m, f) for f in args.formats
                                   for m in ("r", "sr")]
   runs = {}
   for method, grid in configs:
     run = step_throughput._qjax_epoch(  # pylint: disable=protected-access
-        method, args.features, args.batch, args.steps, args.lr, grid)
+        method, args.features, args.batch, args.steps, args.lr, grid,
+        strategy=strategy)
     run()  # compile and warm up
     runs[(method, grid)] = run
   times = {c: [] for c in configs}

@@ -12,7 +12,8 @@ Arms (``arms``: ``"METHOD:GRID"`` or ``"fp"``): float32 weights and Adam
 (``fp``), R and SR onto bf16 (``r:bf16``, ``sr:bf16``), R and SR onto fp8
 e4m3 (``r:fp8_e4m3``, ``sr:fp8_e4m3``); every arm uses Adam (float32
 moments) at each learning rate of ``lrs``, for each seed of ``seeds``,
-all of one arm's configs in one vmapped program. Every *kernel* (``mask``
+all of one arm's configs in one sweep (:func:`qjax.sweep.sweep`, with the
+engine's strategy). Every *kernel* (``mask``
 "all": dense and conv kernels, 99 % of the MLP's parameters) is stored in
 the format; biases and BatchNorm parameters stay float32.
 

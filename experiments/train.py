@@ -1,4 +1,4 @@
-"""Train one or more methods as vmapped sweeps and write the results.
+"""Train one or more methods as sweeps and write the results.
 
 Claim: on a binary-weight net, ADAM < BC-ADAM < SR-ADAM in test error and
 R-ADAM (whose Adam steps are smaller than half a grid step) barely trains

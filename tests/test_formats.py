@@ -43,6 +43,28 @@ def f32_bits(bits) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_index_and_value_are_the_formats_own_codes_and_values(dtype):
+  """FormatPoints builds values from indices and indices from float32 bits
+  with integer arithmetic (no fp8 conversion); on every finite code, both
+  signs, they are the format's own (ml_dtypes on the host), bit for bit."""
+  points = formats.FormatPoints(formats.FloatGrid(dtype))
+  t = table(dtype)  # sorted, one zero: position i - len // 2 is index i
+  k = np.arange(len(t)) - len(t) // 2
+  values = np.asarray(jax.jit(points.value)(jnp.asarray(k, jnp.int32)))
+  np.testing.assert_array_equal(values.astype(np.float64), t)
+  assert not np.signbit(values[k == 0]).any()  # +0.0
+  mag = np.abs(t).astype(np.float32).view(np.uint32)
+  index = jax.jit(points._to_index)(  # pylint: disable=protected-access
+      jnp.asarray(mag), jnp.asarray(t < 0))
+  np.testing.assert_array_equal(np.asarray(index), k)
+  # Beyond the largest value saturates to it.
+  big = np.float32(np.nextafter(np.float32(t[-1]), np.float32(np.inf)))
+  top = points._to_index(  # pylint: disable=protected-access
+      jnp.asarray([big.view(np.uint32)]), jnp.asarray([True]))
+  assert int(top[0]) == -int(k[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_every_value_is_a_fixed_point(dtype):
   t = table(dtype).astype(np.float32)
   g = qjax.FloatGrid(dtype)
