@@ -27,7 +27,6 @@ from benchmarks import step_throughput
 from experiments import common
 from qjax import formats
 from qjax import results as results_lib
-from qjax import sweep as sweep_lib
 
 TARGET = 1.15  # SR step time / R step time, same format
 
@@ -42,19 +41,10 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--formats", type=common.name_list(
       tuple(formats.FORMATS)), default="bf16,fp8_e4m3")
-  parser.add_argument("--steps", type=common.positive_int, default=100)
-  parser.add_argument("--repeats", type=common.positive_int, default=5)
-  parser.add_argument("--batch", type=common.positive_int, default=128)
-  parser.add_argument("--features", type=common.int_list(1, distinct=False),
-                      default="512,512")
-  parser.add_argument("--lr", type=common.positive_float, default=1e-3)
-  parser.add_argument("--strategy", default="auto",
-                      choices=step_throughput.STRATEGIES,
-                      help="auto (the engine's choice) or STEPS-CONFIGS")
+  step_throughput.add_step_args(parser, repeats=5)
   parser.add_argument("--out", default="results/benchmarks/format_step.json")
   args = parser.parse_args(argv)
-  strategy = (None if args.strategy == "auto"
-              else sweep_lib.Strategy(*args.strategy.split("-")))
+  strategy = step_throughput.parsed_strategy(args.strategy)
   configs = [("fp", "glorot")] + [(m, f) for f in args.formats
                                   for m in ("r", "sr")]
   runs = {}

@@ -48,7 +48,6 @@ import numpy as np
 import optax
 
 from benchmarks import step_throughput
-from experiments import common
 from qjax import execution
 from qjax import results as results_lib
 from qjax import transforms
@@ -170,12 +169,7 @@ def slowest_ops(run, top: int = 15) -> list[tuple[str, float]]:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=common.positive_int, default=100)
-  parser.add_argument("--repeats", type=common.positive_int, default=5)
-  parser.add_argument("--batch", type=common.positive_int, default=128)
-  parser.add_argument("--features", type=common.int_list(1, distinct=False),
-                      default="512,512")
-  parser.add_argument("--lr", type=common.positive_float, default=1e-3)
+  step_throughput.add_step_args(parser, repeats=5, strategy=False)
   parser.add_argument("--profile", action="store_true",
                       help="also print the slowest XLA ops of each program")
   parser.add_argument("--out",

@@ -232,8 +232,7 @@ def _fastest(fn, repeats: int) -> list[float]:
 
 
 def bench(method: str, args) -> dict:
-  strategy = (None if args.strategy == "auto"
-              else sweep_lib.Strategy(*args.strategy.split("-")))
+  strategy = parsed_strategy(args.strategy)
   qjax_run = _qjax_epoch(method, args.features, args.batch, args.steps,
                          args.lr, model=args.model, strategy=strategy)
   qjax_run()  # compile and warm up
@@ -291,6 +290,27 @@ def format_table(rows: list[dict], sgemm: dict | None = None) -> str:
   return "\n".join(lines)
 
 
+def add_step_args(parser: argparse.ArgumentParser, repeats: int,
+                  strategy: bool = True) -> None:
+  """The MLP step benchmarks' shared flags: ``--steps --repeats --batch
+  --features --lr`` and, with ``strategy``, ``--strategy``."""
+  parser.add_argument("--steps", type=common.positive_int, default=100)
+  parser.add_argument("--repeats", type=common.positive_int, default=repeats)
+  parser.add_argument("--batch", type=common.positive_int, default=128)
+  parser.add_argument("--features", type=common.int_list(1, distinct=False),
+                      default="512,512")
+  parser.add_argument("--lr", type=common.positive_float, default=1e-3)
+  if strategy:
+    parser.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                        help="qjax's program: auto (the engine's choice, "
+                        "qjax.sweep.choose_strategy) or STEPS-CONFIGS")
+
+
+def parsed_strategy(text: str):
+  """``--strategy``'s value as a Strategy; None for ``auto``."""
+  return None if text == "auto" else sweep_lib.Strategy(*text.split("-"))
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", choices=MODELS, default="mlp",
@@ -298,15 +318,7 @@ def main(argv=None) -> dict:
                       "experiments' convnet; --features is ignored)")
   parser.add_argument("--methods", type=common.name_list(METHODS),
                       default=",".join(METHODS))
-  parser.add_argument("--steps", type=common.positive_int, default=100)
-  parser.add_argument("--repeats", type=common.positive_int, default=3)
-  parser.add_argument("--batch", type=common.positive_int, default=128)
-  parser.add_argument("--features", type=common.int_list(1, distinct=False),
-                      default="512,512")
-  parser.add_argument("--lr", type=common.positive_float, default=1e-3)
-  parser.add_argument("--strategy", default="auto", choices=STRATEGIES,
-                      help="qjax's program: auto (the engine's choice, "
-                      "qjax.sweep.choose_strategy) or STEPS-CONFIGS")
+  add_step_args(parser, repeats=3)
   parser.add_argument("--out",
                       default="results/benchmarks/step_throughput.json")
   args = parser.parse_args(argv)

@@ -620,15 +620,21 @@ def int_list(minimum: int = 0, maximum: int | None = None,
   return parse
 
 
-def positive_float(text: str) -> float:
-  """argparse type: one float > 0, finite in float32 (a learning rate)."""
+def _positive_float32(text: str) -> float | None:
+  """``float(text)`` when it is > 0 and finite in float32, else None."""
   try:
     value = float(text)
   except ValueError:
-    value = float("nan")
+    return None
   with np.errstate(over="ignore"):
     ok = np.isfinite(np.float32(value)) and np.float32(value) > 0
-  if not ok:
+  return value if ok else None
+
+
+def positive_float(text: str) -> float:
+  """argparse type: one float > 0, finite in float32 (a learning rate)."""
+  value = _positive_float32(text)
+  if value is None:
     raise argparse.ArgumentTypeError(
         f"expected a number > 0 (finite in float32), got {text!r}")
   return value
@@ -639,13 +645,8 @@ def positive_float_list(text: str) -> tuple[float, ...]:
   what = "numbers > 0 (finite in float32)"
   out = []
   for item in _items(text, what):
-    try:
-      value = float(item)
-    except ValueError:
-      value = float("nan")
-    with np.errstate(over="ignore"):
-      ok = np.isfinite(np.float32(value)) and np.float32(value) > 0
-    if not ok:
+    value = _positive_float32(item)
+    if value is None:
       raise argparse.ArgumentTypeError(
           f"expected a comma-separated list of {what}, got {text!r} "
           f"({item!r} is not allowed)")
