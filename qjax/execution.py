@@ -124,6 +124,17 @@ def over_configs(fn: Callable, how: str, in_axes: tuple) -> Callable:
   return looped
 
 
+def compiled_count(program: Callable) -> int:
+  """How many executables a :class:`Programs` callable has compiled.
+
+  A vmapped or mapped program is one jitted function (one executable per
+  distinct input signature and placement); a looped one compiles its
+  unbatched function once per device its configs ran on. A count that grows
+  from epoch to epoch is a recompilation.
+  """
+  return getattr(program, "single", program)._cache_size()  # pylint: disable=protected-access
+
+
 class Programs:
   """The jitted per-chunk programs of one (model, config, strategy, task).
 

@@ -62,6 +62,7 @@ from qjax.execution import CONV_MODELS
 from qjax.execution import Programs
 from qjax.execution import Strategy
 from qjax.execution import choose_strategy
+from qjax.execution import compiled_count
 from qjax.execution import programs
 from qjax.execution import shuffles
 from qjax.provenance import describe_dataset
@@ -70,7 +71,8 @@ from qjax.provenance import is_streaming
 from qjax.provenance import model_definition
 
 __all__ = ("CONV_MODELS", "Programs", "Strategy", "SweepSpec",
-           "check", "check_resumable", "choose_strategy", "cpu_devices",
+           "check", "check_resumable", "choose_strategy", "compiled_count",
+           "cpu_devices",
            "describe_dataset", "fingerprint", "is_streaming",
            "model_definition", "programs", "run_chunk", "split_validation",
            "sweep", "train")

@@ -171,10 +171,13 @@ def test_epoch_seconds_cover_the_compute(small_digits):
   assert recorded >= 0.5 * compute, (recorded, compute)
 
 
-def test_epoch_program_compiles_once_on_two_devices(tmp_path):
-  """Before: on 2 CPU devices the epoch program compiled twice (replicated
-  initial states, sharded ones after epoch 1)."""
-  script = textwrap.dedent("""
+@pytest.mark.parametrize("configs,expected", [("vmap", 1), ("loop", 2)])
+def test_epoch_program_compiles_once_on_two_devices(configs, expected):
+  """Before: on 2 CPU devices the vmapped epoch program compiled twice
+  (replicated initial states, sharded ones after epoch 1). Over 3 epochs
+  the vmapped program compiles once; the looped one (the CPU default) once
+  per device, never again for a later epoch."""
+  script = textwrap.dedent(f"""
       import jax
       jax.config.update("jax_num_cpu_devices", 2)
       from qjax import data, models, sweep as s
@@ -183,18 +186,19 @@ def test_epoch_program_compiles_once_on_two_devices(tmp_path):
       ds = ds._replace(train_x=ds.train_x[:256], train_y=ds.train_y[:256])
       model = models.get("mlp", 10, features=(16,))
       config = TrainConfig(method="sr", batch_size=32, epochs=3)
+      strategy = s.Strategy("scan", {configs!r})
       out = s.sweep(model, ds, config, s.SweepSpec(seeds=(0, 1), lrs=(0.01,)),
-                    model_name="mlp", progress=False)
+                    model_name="mlp", progress=False, strategy=strategy)
       assert out["devices"] == 2, out["devices"]
       full = s.dataclasses.replace(config, steps_per_epoch=8)
-      programs = s.programs(model, full, s.choose_strategy("mlp"))
-      print("compiled", programs.epoch._cache_size())
+      programs = s.programs(model, full, strategy)
+      print("compiled", s.compiled_count(programs.epoch))
   """)
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                        capture_output=True, text=True, check=True)
-  assert out.stdout.split()[-2:] == ["compiled", "1"], out.stdout
+  assert out.stdout.split()[-2:] == ["compiled", str(expected)], out.stdout
 
 
 def test_results_are_strict_json(tmp_path):

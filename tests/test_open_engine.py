@@ -379,7 +379,7 @@ def test_delta_sweep_compiles_the_epoch_program_once(delta_sweep):
   programs = sweep_lib.programs(model, full,
                                 sweep_lib.Strategy(**out["strategy"]),
                                 train_lib.CLASSIFICATION)
-  assert programs.epoch._cache_size() == 1
+  assert sweep_lib.compiled_count(programs.epoch) == 1  # one device here
 
 
 def test_programs_with_the_default_task_is_the_sweeps_program(delta_sweep):
@@ -391,7 +391,8 @@ def test_programs_with_the_default_task_is_the_sweeps_program(delta_sweep):
   strategy = sweep_lib.choose_strategy("mlp")
   assert sweep_lib.programs(model, full, strategy) is sweep_lib.programs(
       model, full, strategy, train_lib.CLASSIFICATION)
-  assert sweep_lib.programs(model, full, strategy).epoch._cache_size() == 1
+  assert sweep_lib.compiled_count(
+      sweep_lib.programs(model, full, strategy).epoch) == 1
 
 
 # ----------------------------------------------------------------------------
