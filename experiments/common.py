@@ -9,7 +9,8 @@ Every experiment module follows one contract:
 
 A config is a plain dict of *experiments*; each experiment names a dataset, a
 model and training settings, and is trained one method at a time with
-:func:`qjax.sweep.sweep` (seeds vmapped or ``lax.map``-ped in one program).
+:func:`qjax.sweep.sweep` (seeds and other configs as the engine's
+strategy says: one after another on CPU, vmapped on accelerators).
 """
 
 from __future__ import annotations
