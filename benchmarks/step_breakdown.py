@@ -23,7 +23,7 @@ the fastest counting:
   config batched on a config axis of size 1.
 
 Each row prints steps/s and the milliseconds it adds to the row above.
-``--profile`` also prints the slowest XLA ops of the first program (from a
+``--profile`` also prints the slowest XLA ops of each program (from a
 ``jax.profiler`` trace: per-op times overlap, so they do not add up to the
 step time).
 
