@@ -58,6 +58,7 @@ from qjax import methods as methods_lib
 from qjax import models as models_lib
 from qjax import quantizers
 from qjax import results as results_lib
+from qjax import sweep as sweep_lib
 from qjax import train as train_lib
 
 FEATURES = (512, 512)
@@ -218,4 +219,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  sweep_lib.cpu_flags()  # before JAX creates an array
   main()

@@ -27,6 +27,7 @@ from benchmarks import step_throughput
 from experiments import common
 from qjax import formats
 from qjax import results as results_lib
+from qjax import sweep as sweep_lib
 
 TARGET = 1.15  # SR step time / R step time, same format
 
@@ -83,4 +84,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  sweep_lib.cpu_flags()  # before JAX creates an array
   main()

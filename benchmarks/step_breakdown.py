@@ -50,6 +50,7 @@ import optax
 from benchmarks import step_throughput
 from qjax import execution
 from qjax import results as results_lib
+from qjax import sweep as sweep_lib
 from qjax import transforms
 
 PROGRAMS = ("minimal", "+ skip_nonfinite", "engine, unbatched",
@@ -202,4 +203,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  sweep_lib.cpu_flags()  # before JAX creates an array
   main()

@@ -338,4 +338,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  sweep_lib.cpu_flags()  # before JAX creates an array
   main()

@@ -5,7 +5,8 @@ A sweep's leading config axis is sharded over the local devices
 for the ``"loop"`` config strategy split into per-config lanes that stay on
 the device holding them (:func:`lanes`, :func:`stack_lanes`), so that
 configs on different devices run concurrently. On a CPU host,
-:func:`cpu_devices` exposes the cores as devices.
+:func:`cpu_devices` exposes the cores as devices and :func:`cpu_flags` sets
+qjax's XLA:CPU code-generation defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +21,48 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
 
+# XLA:CPU options qjax sets when it owns the process (the experiment
+# commands, the notebooks' first cell, the benchmarks), unless XLA_FLAGS
+# already names them. ``--xla_cpu_prefer_vector_width=512``: XLA asks LLVM
+# for 256-bit vectors by default; on a CPU with AVX-512 the quantizers'
+# elementwise integer work (the Threefry hash of SR, the float-format
+# index arithmetic) runs in 512-bit registers instead. Measured on 2 cores
+# with AVX-512 (benchmarks/format_step.py, alternating processes): bf16
+# SR 173.5/188.0 -> 197.6/196.6 steps/s, fp8 e4m3 R 144.8/149.8 ->
+# 174.2/172.6. A CPU without AVX-512 has no 512-bit vectors, and LLVM
+# keeps the widths it has.
+CPU_FLAGS = ("--xla_cpu_prefer_vector_width=512",)
+
+
+def _flag_name(flag: str) -> str:
+  return flag.lstrip("-").split("=", 1)[0]
+
+
+def cpu_flags(flags=CPU_FLAGS) -> tuple[str, ...]:
+  """Adds qjax's XLA:CPU defaults (:data:`CPU_FLAGS`) to ``XLA_FLAGS``.
+
+  XLA reads ``XLA_FLAGS`` once, when JAX creates its first backend, so this
+  must run before the first array; afterwards it changes nothing. A flag
+  whose name ``XLA_FLAGS`` already holds is left as the user set it (e.g.
+  ``XLA_FLAGS=--xla_cpu_prefer_vector_width=256`` keeps XLA's own
+  default). The experiment commands and the benchmarks call it (through
+  :func:`cpu_devices`, or directly); a library user who wants the same
+  code as they measure sets the flags in ``XLA_FLAGS`` or calls this first.
+  Only XLA:CPU reads them: GPU and TPU code is unchanged.
+
+  Returns:
+    The flags this call added (empty when none was needed or possible).
+  """
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if xla_bridge.backends_are_initialized():
+    return ()
+  current = os.environ.get("XLA_FLAGS", "")
+  present = {_flag_name(f) for f in current.split()}
+  added = tuple(f for f in flags if _flag_name(f) not in present)
+  if added:
+    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+  return added
+
 
 def cpu_devices(count: int | None = None) -> int:
   """Exposes the host CPU as ``count`` JAX devices (default: one per core).
@@ -29,7 +72,8 @@ def cpu_devices(count: int | None = None) -> int:
   of each device run concurrently on its share of the cores. Measured here
   (2 cores, 16 configs; ``benchmarks/sweep_throughput.py``): the vmapped MLP
   sweep and the looped CNN sweep both run faster on 2 devices than on 1.
-  Single runs are unaffected (a one-config run uses one device).
+  Single runs are unaffected (a one-config run uses one device). It also
+  sets qjax's XLA:CPU flags (:func:`cpu_flags`).
 
   It must run before JAX creates its first array; afterwards, or when the
   user chose a count (``JAX_NUM_CPU_DEVICES`` or ``XLA_FLAGS=
@@ -44,6 +88,7 @@ def cpu_devices(count: int | None = None) -> int:
              else os.cpu_count() or 1)
   if not isinstance(count, int) or count < 1:
     raise ValueError(f"count must be an int >= 1; got {count!r}.")
+  cpu_flags()
   chosen = ("xla_force_host_platform_device_count"
             in os.environ.get("XLA_FLAGS", "")
             or jax.config.jax_num_cpu_devices != -1)

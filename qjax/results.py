@@ -16,7 +16,8 @@ import numpy as np
 
 
 def environment() -> dict:
-  """Library versions, the code's git commit, the time and the devices."""
+  """Library versions, the code's git commit, the time, the devices and
+  the XLA flags the process runs with (``XLA_FLAGS``)."""
   import flax
   import jax
   import jaxlib
@@ -33,6 +34,7 @@ def environment() -> dict:
       "numpy": np.__version__, "backend": jax.default_backend(),
       "devices": [str(d) for d in devices],
       "device_kind": devices[0].device_kind,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 

@@ -56,6 +56,7 @@ from qjax import train as train_lib
 # (qjax.provenance).
 from qjax.devices import config_sharding
 from qjax.devices import cpu_devices
+from qjax.devices import cpu_flags
 from qjax.devices import pad_configs
 from qjax.devices import replicated
 from qjax.execution import CONV_MODELS
@@ -72,7 +73,7 @@ from qjax.provenance import model_definition
 
 __all__ = ("CONV_MODELS", "Programs", "Strategy", "SweepSpec",
            "check", "check_resumable", "choose_strategy", "compiled_count",
-           "cpu_devices",
+           "cpu_devices", "cpu_flags",
            "describe_dataset", "fingerprint", "is_streaming",
            "model_definition", "programs", "run_chunk", "split_validation",
            "sweep", "train")

@@ -194,6 +194,52 @@ def test_cpu_devices_splits_the_host_unless_the_user_chose(xla_flags,
     cpu_devices(0)
 
 
+_CPU_FLAGS = r"""
+import glob, os, sys
+import jax, jax.numpy as jnp
+from qjax import results
+from qjax.sweep import cpu_devices, cpu_flags
+cpu_devices(1)
+x = jnp.arange(4096, dtype=jnp.uint32)
+mix = jax.jit(lambda x: (x * jnp.uint32(2654435761)) ^ (x >> 7))
+mix(x).block_until_ready()
+assert cpu_flags() == (), "after the first array nothing can change"
+ir = "".join(open(f).read()
+             for f in glob.glob(os.path.join(sys.argv[1], "*ir-with-opt.ll")))
+print(results.environment()["xla_flags"])
+print("<16 x i32>" in ir)
+"""
+
+
+def _avx512() -> bool:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return " avx512f" in f.read()
+  except OSError:
+    return False
+
+
+@pytest.mark.parametrize("user, width", [("", 512), (
+    "--xla_cpu_prefer_vector_width=256", 256)])
+def test_cpu_flags_reach_the_compiler_unless_the_user_chose(tmp_path, user,
+                                                             width):
+  # The experiment commands call cpu_devices; its XLA:CPU defaults must be
+  # the ones XLA compiles with (512-bit vectors where the CPU has them),
+  # and a width the user set must be the one used.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_dump_to={tmp_path} {user}".strip())
+  proc = subprocess.run([sys.executable, "-c", _CPU_FLAGS, str(tmp_path)],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  flags, wide = proc.stdout.split("\n")[-3:-1]
+  assert flags.split().count(f"--xla_cpu_prefer_vector_width={width}") == 1
+  assert "vector_width" not in flags.replace(
+      f"--xla_cpu_prefer_vector_width={width}", "")
+  if _avx512():
+    assert wide == str(width == 512)
+
+
 def test_strategy_choice_and_bad_inputs(small_digits):
   # Measured fastest on XLA:CPU (benchmarks/sweep_throughput.py): configs
   # one after another, a scanned epoch for the MLP, looped steps for convnets.
