@@ -21,7 +21,6 @@ Command: ``python -m benchmarks.format_step [--formats bf16,fp8_e4m3]
 from __future__ import annotations
 
 import argparse
-import time
 
 from benchmarks import step_throughput
 from experiments import common
@@ -30,12 +29,6 @@ from qjax import results as results_lib
 from qjax import sweep as sweep_lib
 
 TARGET = 1.15  # SR step time / R step time, same format
-
-
-def _time(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
 
 
 def main(argv=None) -> dict:
@@ -55,10 +48,7 @@ def main(argv=None) -> dict:
         strategy=strategy)
     run()  # compile and warm up
     runs[(method, grid)] = run
-  times = {c: [] for c in configs}
-  for _ in range(args.repeats):  # interleaved rounds
-    for c in configs:
-      times[c].append(_time(runs[c]))
+  times = step_throughput.interleaved_times(runs, args.repeats)
   rate = {c: args.steps / min(t) for c, t in times.items()}
   rows = []
   lines = ["| format | R steps/s | SR steps/s | SR / R time | "

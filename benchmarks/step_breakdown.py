@@ -40,7 +40,6 @@ import glob
 import gzip
 import json
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -179,12 +178,7 @@ def main(argv=None) -> dict:
   runs = programs(args)
   for run in runs.values():
     run()  # compile and warm up
-  times = {name: [] for name in runs}
-  for _ in range(args.repeats):  # interleaved rounds
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
+  times = step_throughput.interleaved_times(runs, args.repeats)
   rates = {name: args.steps / min(t) for name, t in times.items()}
   table = format_table(rates)
   print(table)

@@ -222,12 +222,19 @@ def _torch_steps(method: str, features, batch: int, steps: int, lr: float,
   return run
 
 
-def _fastest(fn, repeats: int) -> list[float]:
-  times = []
+def interleaved_times(runs: dict, repeats: int) -> dict:
+  """``{name: [seconds of each round]}``: ``repeats`` rounds, each timing
+  every run once in turn (the machine's load drifts; take the fastest).
+
+  Each run must block until its results are ready (``jax.block_until_ready``
+  or a synchronous PyTorch loop); it should be compiled and warm already.
+  """
+  times = {name: [] for name in runs}
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
   return times
 
 
@@ -240,11 +247,11 @@ def bench(method: str, args) -> dict:
                            args.lr, model=args.model)
   if torch_run is not None:
     torch_run()  # warm up (allocator, threads)
-  q_times, t_times = [], []
-  for _ in range(args.repeats):  # interleaved rounds
-    q_times += _fastest(qjax_run, 1)
-    if torch_run is not None:
-      t_times += _fastest(torch_run, 1)
+  runs = {"qjax": qjax_run}
+  if torch_run is not None:
+    runs["torch"] = torch_run
+  times = interleaved_times(runs, args.repeats)
+  q_times, t_times = times["qjax"], times.get("torch", [])
   q = args.steps / min(q_times)
   t = args.steps / min(t_times) if t_times else None
   flops = step_flops(args.model, args.features, args.batch)

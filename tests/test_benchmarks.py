@@ -354,3 +354,18 @@ def test_step_throughput_refuses_a_bad_learning_rate_or_strategy(capsys):
       step_throughput.main(argv)
     assert exit_info.value.code == 2
   assert "expected a number > 0" in capsys.readouterr().err
+
+
+def test_interleaved_times_alternates_the_runs_once_per_round():
+  # The step benchmarks compare runs timed in the same rounds: every round
+  # times each run exactly once, in order, so drift hits all of them alike.
+  from benchmarks import step_throughput
+  calls = []
+  runs = {"a": lambda: calls.append("a"),
+          ("r", "bf16"): lambda: calls.append("b")}
+  times = step_throughput.interleaved_times(runs, 3)
+  assert calls == ["a", "b"] * 3
+  assert list(times) == ["a", ("r", "bf16")]
+  assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
+  assert step_throughput.interleaved_times(runs, 0) == {"a": [],
+                                                        ("r", "bf16"): []}
