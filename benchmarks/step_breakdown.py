@@ -2,7 +2,7 @@
 
 Claim checked (the speed issue's "profile the compiled step"): how much of
 qjax's FP-ADAM MLP step (784-``--features``-10 with BatchNorm, batch
-``--batch``) is the network itself and how much the engine adds. Four
+``--batch``) is the network itself and how much the engine adds. Five
 programs, each a scanned epoch of ``--steps`` steps after a warm-up epoch
 that compiles, timed until ``jax.block_until_ready``, rounds interleaved and
 the fastest counting:
@@ -11,18 +11,23 @@ the fastest counting:
   bias, BatchNorm on batch statistics, ReLU; a dense output layer with bias;
   softmax cross-entropy; ``optax.adam``), no Flax, no checks: the floor for
   this network on this XLA.
-* ``+ skip_nonfinite``: the same step with the optimizer wrapped in
-  :func:`qjax.skip_nonfinite`, as every registered method's is (a step with a
-  NaN or inf in its gradients, updates, new parameters or new optimizer
-  state changes nothing).
+* ``+ output checks``: the same step with the optimizer wrapped in
+  :func:`qjax.skip_nonfinite` (a step with a NaN or inf in its gradients,
+  updates, new parameters or new optimizer state changes nothing): every
+  output is checked, then selected.
+* ``+ bounded_step``: the same wrapper with
+  :func:`qjax.transforms.bounded_step`, as the registered methods' built-in
+  Adam and SGD steps have it: the skip is decided from the inputs (the
+  gradients, parameters, moments and learning rate within proven bounds).
 * ``engine, unbatched``: the engine's own epoch program
   (:func:`qjax.sweep.programs`, ``Strategy("scan", "loop")``): Flax,
   BatchNorm's running statistics, the forward-pass check, metrics, the step
-  counter and the run key.
+  counter and the run key, with the FP method's ``bounded_step``.
 * ``engine, vmapped``: the same with ``Strategy("scan", "vmap")``: one
   config batched on a config axis of size 1.
 
-Each row prints steps/s and the milliseconds it adds to the row above.
+Each row prints steps/s and the milliseconds it adds to the row it
+builds on (:data:`BASE`).
 ``--profile`` also prints the slowest XLA ops of each program (from a
 ``jax.profiler`` trace: per-op times overlap, so they do not add up to the
 step time).
@@ -52,8 +57,12 @@ from qjax import results as results_lib
 from qjax import sweep as sweep_lib
 from qjax import transforms
 
-PROGRAMS = ("minimal", "+ skip_nonfinite", "engine, unbatched",
-            "engine, vmapped")
+PROGRAMS = ("minimal", "+ output checks", "+ bounded_step",
+            "engine, unbatched", "engine, vmapped")
+# The row each program adds to.
+BASE = {"+ output checks": "minimal", "+ bounded_step": "minimal",
+        "engine, unbatched": "+ bounded_step",
+        "engine, vmapped": "engine, unbatched"}
 
 
 def _data(steps: int, batch: int):
@@ -91,11 +100,14 @@ def mlp_loss(params: dict, x, y, hidden: int) -> jax.Array:
 
 
 def minimal_epoch(features, batch: int, steps: int, lr: float,
-                  skip: bool = False):
-  """A callable running one scanned epoch of the minimal step."""
+                  skip: str | None = None):
+  """A callable running one scanned epoch of the minimal step (``skip``:
+  None, ``"outputs"`` or ``"bounded"``, see the module docstring)."""
   tx = optax.adam(lr)
-  if skip:
-    tx = transforms.skip_nonfinite(tx)
+  if skip is not None:
+    tx = transforms.skip_nonfinite(
+        tx, transforms.bounded_step("adam", lr) if skip == "bounded"
+        else None)
   x, y = _data(steps, batch)
   hidden = len(features)
 
@@ -128,22 +140,24 @@ def programs(args) -> dict:
   return {
       "minimal": minimal_epoch(args.features, args.batch, args.steps,
                                args.lr),
-      "+ skip_nonfinite": minimal_epoch(args.features, args.batch,
-                                        args.steps, args.lr, skip=True),
+      "+ output checks": minimal_epoch(args.features, args.batch,
+                                       args.steps, args.lr, skip="outputs"),
+      "+ bounded_step": minimal_epoch(args.features, args.batch, args.steps,
+                                      args.lr, skip="bounded"),
       "engine, unbatched": engine("loop"),
       "engine, vmapped": engine("vmap"),
   }
 
 
 def format_table(rates: dict) -> str:
-  lines = ["| program | steps/s | ms/step | ms added to the row above |",
-           "|---|---:|---:|---:|"]
-  previous = None
+  lines = ["| program | steps/s | ms/step | ms added | to |",
+           "|---|---:|---:|---:|---|"]
   for name in PROGRAMS:
     ms = 1e3 / rates[name]
-    added = "-" if previous is None else f"{ms - previous:+.2f}"
-    lines.append(f"| {name} | {rates[name]:.1f} | {ms:.2f} | {added} |")
-    previous = ms
+    base = BASE.get(name)
+    added = "-" if base is None else f"{ms - 1e3 / rates[base]:+.2f}"
+    lines.append(f"| {name} | {rates[name]:.1f} | {ms:.2f} | {added} | "
+                 f"{base or '-'} |")
   return "\n".join(lines)
 
 

@@ -305,9 +305,12 @@ def _check_finite(states, configs: list[dict], config, epoch: int) -> None:
   raise train_lib.NonFiniteError(
       f"config {configs[i]} (and {bad.size - 1} more) produced non-finite "
       f"loss, gradients or updates in its last {int(streak[i])} steps (up to "
-      f"step {step}, epoch {epoch + 1}; first skipped step {first}); those "
-      "steps were skipped and the run stops. Lower the learning rate, or "
-      "check the data and the model for NaN/inf.")
+      f"step {step}, epoch {epoch + 1}; first skipped step {first}), or, "
+      "with the built-in Adam or SGD, values beyond the bounds of "
+      "qjax.transforms.bounded_step (|gradient| > 2**50, |lr| > 2**20, "
+      "|weight| > 2**120); those steps were skipped and the run stops. "
+      "Lower the learning rate, or check the data and the model for "
+      "NaN/inf.")
 
 
 def _epoch_record(epoch, train_metrics, evals, states, num_real,

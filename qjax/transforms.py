@@ -489,7 +489,7 @@ def _no_update(u: jax.Array) -> jax.Array:
   return jnp.zeros_like(u)
 
 
-def skip_nonfinite(inner: optax.GradientTransformation
+def skip_nonfinite(inner: optax.GradientTransformation, precheck=None
                    ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that a step with a NaN or inf is skipped entirely.
 
@@ -509,9 +509,21 @@ def skip_nonfinite(inner: optax.GradientTransformation
   ``skipped``) to notice a run that no longer trains. Works under ``jit``
   and ``vmap`` (each lane skips on its own), with ``jnp.where`` on the trees.
 
+  With a ``precheck`` (e.g. :func:`bounded_step`, which qjax's methods use
+  around their own Adam and SGD steps) the skip is decided from the step's
+  *inputs* alone: ``precheck(updates, inner_state, params)`` returns one
+  bool, and the step is taken when it holds (or None: then the policy
+  above applies). It is for an ``inner`` whose
+  outputs are proven finite whenever the precheck holds; then no output is
+  checked, and the selects fuse into ``inner``'s own update instead of
+  reading every new parameter and moment again (the FP-ADAM MLP step:
+  see the README's performance section).
+
   Args:
     inner: any optax transformation (extra args such as ``params`` are passed
       through).
+    precheck: ``None`` (the policy above) or ``(updates, inner_state,
+      params) -> bool`` (see above).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -526,8 +538,11 @@ def skip_nonfinite(inner: optax.GradientTransformation
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                           **extra_args)
-    ok = (all_finite(updates) & _applied_finite(params, new_updates)
-          & _stays_finite(state.inner_state, new_inner))
+    ok = (None if precheck is None
+          else precheck(updates, state.inner_state, params))
+    if ok is None:
+      ok = (all_finite(updates) & _applied_finite(params, new_updates)
+            & _stays_finite(state.inner_state, new_inner))
     new_updates = jax.tree.map(lambda u: jnp.where(ok, u, _no_update(u)),
                                new_updates)
     new_inner = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner,
@@ -537,6 +552,108 @@ def skip_nonfinite(inner: optax.GradientTransformation
         new_inner, state.skipped + skip, (state.streak + skip) * skip)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The bounds of bounded_step (powers of two, so that the checks are exact).
+GRAD_BOUND = 2.0**50     # |g|: about 1.1e15
+MOMENT_BOUND = 2.0**60   # Adam's |mu|: about 1.2e18
+PARAM_BOUND = 2.0**120   # |p|, and Adam's nu: about 1.3e36
+LR_BOUND = 2.0**20       # |learning rate|: about 1.0e6
+_BOUNDED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64),
+                   jnp.dtype(jnp.bfloat16))
+
+
+def _within(tree, bound) -> jax.Array:
+  """One bool: every float entry of ``tree`` has ``|x| <= bound`` (NaN
+  fails; a maximum, exact whatever the order XLA reduces in)."""
+  ok = jnp.ones((), jnp.bool_)
+  for x in jax.tree.leaves(tree, is_leaf=codes_lib.is_codes):
+    if (codes_lib.is_codes(x) or not jnp.issubdtype(jnp.result_type(x),
+                                                    jnp.inexact)
+        or not jnp.size(x)):
+      continue  # codes are grid points, finite by construction
+    ok = ok & (jnp.max(jnp.abs(x)).astype(jnp.float32) <= bound)
+  return ok
+
+
+def bounded_step(optimizer: str, learning_rate):
+  """The ``precheck`` of :func:`skip_nonfinite` for qjax's own steps.
+
+  For ``optax.adam(learning_rate)`` with its defaults (b1 0.9, b2 0.999,
+  eps 1e-8) or ``optax.sgd(learning_rate)``, optionally in float32 moments
+  (:func:`qjax.float32_moments`), followed by qjax's update rules (latent
+  clipping, SR and R onto any grid or format, codes). A step is taken when
+  every gradient entry has ``|g| <= 2**50``, every float parameter
+  ``|p| <= 2**120``, Adam's ``|mu| <= 2**60`` and ``nu <= 2**120``, and
+  the learning rate is finite with ``|lr| <= 2**20``; otherwise it is
+  skipped as a non-finite step would be (NaN fails every bound). Then
+  every output is finite:
+
+  * Adam's new moments are ``0.1 g + 0.9 mu`` (at most ``2**60`` plus
+    rounding) and ``0.001 g**2 + 0.999 nu`` (at most ``2**120`` plus
+    rounding); bias correction divides ``mu`` by ``1 - 0.9**t >= 0.1``,
+    so ``|mu_hat| < 2**64``, and the step ``|lr mu_hat / (sqrt(nu_hat) +
+    eps)| < 2**20 * 2**64 / 1e-8 < 2**111``. SGD's ``|lr g| <= 2**70``.
+  * ``p + u`` is then below ``2**121``: finite in float32 and bfloat16
+    (whose largest values are near ``2**128``). Parameters in float16 or
+    fp8 are outside the proof: with any of them the precheck returns
+    None, and :func:`skip_nonfinite` checks the outputs instead.
+  * qjax's rules map finite ``p`` and ``u`` to finite values (clipping;
+    a rounded value of the grid or format, saturating; integer codes).
+
+  A step with a finite gradient above ``2**50`` (or a parameter above
+  ``2**120``) is skipped here where the output-checking policy might take
+  it; such a run has diverged. Anything else is skipped or taken exactly
+  as by that policy (tested on injected NaNs, infinities and huge values).
+
+  Args:
+    optimizer: ``"adam"`` or ``"sgd"``.
+    learning_rate: a float, a scalar array (traced in a sweep) or an optax
+      schedule, evaluated at the count the step uses (from the optimizer's
+      ``ScaleByScheduleState``).
+
+  Returns:
+    ``(updates, inner_state, params) -> bool``, or None where the proof
+    does not apply (no ``params`` passed, a parameter neither float32,
+    float64 nor bfloat16, or a schedule whose count is not found).
+  """
+  if optimizer not in ("adam", "sgd"):
+    raise ValueError(f"bounded_step covers optax.adam and optax.sgd with "
+                     f"their defaults; got optimizer={optimizer!r}.")
+
+  def moments(inner_state):
+    adam = [x for x in jax.tree.leaves(
+        inner_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(x, optax.ScaleByAdamState)]
+    return [a.mu for a in adam], [a.nu for a in adam]
+
+  def current_lr(inner_state):
+    """The step's learning rate: the schedule at the count the step uses."""
+    if not callable(learning_rate):
+      return learning_rate
+    counts = [x.count for x in jax.tree.leaves(
+        inner_state,
+        is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(x, optax.ScaleByScheduleState)]
+    return learning_rate(counts[0]) if len(counts) == 1 else None
+
+  def precheck(updates, inner_state, params):
+    lr = current_lr(inner_state)
+    if lr is None or params is None or any(
+        jnp.issubdtype(jnp.result_type(p), jnp.inexact)
+        and jnp.result_type(p) not in _BOUNDED_DTYPES
+        for p in jax.tree.leaves(params, is_leaf=codes_lib.is_codes)
+        if not codes_lib.is_codes(p)):
+      return None
+    lr = jnp.abs(jnp.asarray(lr, jnp.float32))
+    ok = ((lr <= LR_BOUND) & _within(updates, GRAD_BOUND)
+          & _within(params, PARAM_BOUND))
+    if optimizer == "adam":
+      mu, nu = moments(inner_state)
+      ok = ok & _within(mu, MOMENT_BOUND) & _within(nu, PARAM_BOUND)
+    return ok
+
+  return precheck
 
 
 def masked(inner: optax.GradientTransformation, mask

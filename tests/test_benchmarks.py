@@ -301,7 +301,7 @@ def test_sweep_vs_torch_ratios_and_verdicts(monkeypatch, tmp_path, capsys):
     assert json.load(f)["configs"] == 2
 
 
-def test_step_breakdown_times_the_four_programs(tmp_path, capsys):
+def test_step_breakdown_times_the_five_programs(tmp_path, capsys):
   from benchmarks import step_breakdown
   out = tmp_path / "breakdown.json"
   result = step_breakdown.main(["--steps", "2", "--repeats", "1", "--batch",
@@ -315,15 +315,18 @@ def test_step_breakdown_times_the_four_programs(tmp_path, capsys):
     assert f"| {name} |" in printed
 
 
-def test_step_breakdown_table_adds_milliseconds_row_by_row():
+def test_step_breakdown_table_adds_milliseconds_to_each_rows_base():
   from benchmarks import step_breakdown
-  rates = dict(zip(step_breakdown.PROGRAMS, (500.0, 250.0, 200.0, 400.0)))
+  rates = dict(zip(step_breakdown.PROGRAMS,
+                   (500.0, 250.0, 400.0, 200.0, 100.0)))
   lines = step_breakdown.format_table(rates).splitlines()[2:]
-  # 2 ms, then 4 ms (+2.00), 5 ms (+1.00), 2.5 ms (-2.50).
-  assert lines[0].endswith("| 2.00 | - |")
-  assert lines[1].endswith("| 4.00 | +2.00 |")
-  assert lines[2].endswith("| 5.00 | +1.00 |")
-  assert lines[3].endswith("| 2.50 | -2.50 |")
+  # 2 ms; 4 ms and 2.5 ms, each against the minimal 2 ms; 5 ms against
+  # bounded_step's 2.5; 10 ms against the unbatched engine's 5.
+  assert lines[0].endswith("| 2.00 | - | - |")
+  assert lines[1].endswith("| 4.00 | +2.00 | minimal |")
+  assert lines[2].endswith("| 2.50 | +0.50 | minimal |")
+  assert lines[3].endswith("| 5.00 | +2.50 | + bounded_step |")
+  assert lines[4].endswith("| 10.00 | +5.00 | engine, unbatched |")
 
 
 def test_minimal_step_loss_is_the_mlp_cross_entropy_by_hand():

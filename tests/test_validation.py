@@ -435,3 +435,124 @@ def test_every_method_is_wrapped():
     method = qjax.methods.make(name, key=0)
     params = method.project(_linen())
     assert isinstance(_init(method, params), qjax.SkipNonFiniteState)
+
+
+# -- the built-in methods' precheck (qjax.transforms.bounded_step) ----------
+
+_G, _MU, _P, _LR = 2.0**50, 2.0**60, 2.0**120, 2.0**20
+
+
+def _signs(x):
+  """+1, -1, +1, ... in the shape of ``x`` (both signs at every bound)."""
+  return jnp.where(jnp.arange(x.size).reshape(x.shape) % 2 == 0, 1.0, -1.0)
+
+
+def _at_bounds(method, params, g=_G, p=_P, mu=_MU):
+  """Gradients, parameters and an Adam state (nu = 0, the worst case for
+  the step's size) with every entry at the given magnitudes."""
+  floats = C.decode_tree(params)
+  grads = jax.tree.map(lambda x: g * _signs(x), floats)
+  big = jax.tree.map(
+      lambda x: x if C.is_codes(x) else (p * _signs(x)).astype(x.dtype),
+      params, is_leaf=C.is_codes)
+  state = _init(method, params)
+
+  def extreme(s):
+    if isinstance(s, optax.ScaleByAdamState):
+      return s._replace(mu=jax.tree.map(lambda x: mu * _signs(x), s.mu),
+                        nu=jax.tree.map(jnp.zeros_like, s.nu))
+    return s
+  state = jax.tree.map(extreme, state, is_leaf=lambda s: isinstance(
+      s, optax.ScaleByAdamState))
+  return grads, big, state
+
+
+def _floats_finite(tree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
+      C.decode_tree(tree)) if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("name", ["fp", "bc", "sr", "r"])
+def test_bounded_step_takes_steps_at_its_bounds_and_stores_finite_values(
+    name, optimizer):
+  # The proof in bounded_step's docstring, checked at its edges: every
+  # input at its bound (both signs, Adam's nu at 0) gives finite
+  # parameters and state, and the step is taken; just beyond any one bound
+  # the step is skipped and nothing changes.
+  method = qjax.methods.make(name, _LR, optimizer=optimizer, key=0)
+  params = method.project(_linen())
+  grads, big, state = _at_bounds(method, params)
+  step = jax.jit(method.tx.update)
+  for g in (grads, jax.tree.map(jnp.zeros_like, grads)):
+    # With g = 0 and nu = 0, Adam's step is its largest: lr mu_hat / eps.
+    d, new = step(g, state, big)
+    assert int(new.skipped) == 0
+    assert _floats_finite(qjax.apply_updates(big, d)) and _floats_finite(
+        new.inner_state)
+  if optimizer == "adam":
+    assert _bits(qjax.apply_updates(big, d)) != _bits(big)
+  beyond = 1 + 2.0**-20
+  cases = [_at_bounds(method, params, g=_G * beyond),
+           _at_bounds(method, params, p=_P * beyond)]
+  if optimizer == "adam":
+    cases.append(_at_bounds(method, params, mu=_MU * beyond))
+  for g, p, s in cases:
+    d, new = step(g, s, p)
+    assert int(new.skipped) == 1
+    assert _bits(qjax.apply_updates(p, d)) == _bits(p)
+  fast = qjax.methods.make(name, _LR * beyond, optimizer=optimizer, key=0)
+  d, new = jax.jit(fast.tx.update)(grads, state, big)
+  assert int(new.skipped) == 1
+
+
+@pytest.mark.parametrize("name", ["fp", "bc", "sr", "r"])
+def test_bounded_step_trains_bit_for_bit_as_the_output_checks(name,
+                                                              monkeypatch):
+  # Inside the bounds the precheck only changes which checks run: the same
+  # steps, skips included, give the same bits as the output-checking policy.
+  method = qjax.methods.make(name, 0.1, optimizer="adam", key=3)
+  monkeypatch.setattr(qjax.methods.Setup, "precheck", lambda self: None)
+  checked = qjax.methods.make(name, 0.1, optimizer="adam", key=3)
+  params = method.project(_linen())
+  runs = []
+  for m in (method, checked):
+    p, s, out = params, _init(m, params), []
+    for t in range(6):
+      g = _bad(p, jnp.nan) if t == 2 else _good(p, t)
+      d, s = jax.jit(m.tx.update)(g, s, p)
+      p = qjax.apply_updates(p, d)
+      out.append(_bits(p) + _bits(_key_data(s)))
+    runs.append(out)
+  assert runs[0] == runs[1]
+  assert len({tuple(b) for b in runs[0]}) > 3  # it trained
+
+
+def test_bounded_step_leaves_float16_parameters_to_the_output_checks():
+  # float16 overflows below the proof's 2**121: an update that would store
+  # inf must still be skipped (bounded_step declines, skip_nonfinite checks
+  # the outputs).
+  method = qjax.methods.make("fp", 100.0, optimizer="sgd")
+  p = {"w": jnp.full((2,), 65504.0, jnp.float16)}
+  d, s = method.tx.update({"w": jnp.full((2,), -1.0, jnp.float16)},
+                          method.tx.init(p), p)
+  assert int(s.skipped) == 1
+  assert _bits(qjax.apply_updates(p, d)) == _bits(p)
+  with pytest.raises(ValueError, match="optax.adam and optax.sgd"):
+    qjax.transforms.bounded_step("lion", 0.1)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_bounded_step_reads_a_schedule_at_the_steps_own_count(optimizer):
+  # The engine passes a schedule: the bound applies to the rate each step
+  # uses, so a step whose scheduled rate passes 2**20 is skipped.
+  schedule = optax.piecewise_constant_schedule(0.1, {2: 2.0**30})
+  method = qjax.methods.make("fp", schedule, optimizer=optimizer)
+  p = {"w": jnp.ones((3,))}
+  s = method.tx.init(p)
+  skipped = []
+  for _ in range(4):
+    d, s = method.tx.update({"w": jnp.full((3,), 0.5)}, s, p)
+    p = qjax.apply_updates(p, d)
+    skipped.append(int(s.skipped))
+  assert skipped == [0, 0, 1, 2]  # the count stays at 2 while skipped

@@ -184,6 +184,14 @@ class Setup:
     return formats.float32_moments(base_optimizer(
         self.optimizer, self.learning_rate, self.weight_decay))
 
+  def precheck(self):
+    """:func:`qjax.transforms.bounded_step` for the built-in Adam and SGD
+    without weight decay, else None (:func:`qjax.skip_nonfinite` then
+    checks the step's outputs)."""
+    if self.optimizer in ("adam", "sgd") and self.weight_decay is None:
+      return transforms.bounded_step(self.optimizer, self.learning_rate)
+    return None
+
   @property
   def label(self) -> str:
     """``"sr-adam"``: the name and the optimizer, as in results."""
@@ -433,10 +441,12 @@ def r(learning_rate=1e-2, **kwargs) -> Method:
 
 
 def guarded(base: optax.GradientTransformation,
-            rule: optax.GradientTransformation
+            rule: optax.GradientTransformation, precheck=None
             ) -> optax.GradientTransformationExtraArgs:
-  """``base`` then the update ``rule``, skipping non-finite steps."""
-  return transforms.skip_nonfinite(optax.chain(base, rule))
+  """``base`` then the update ``rule``, skipping non-finite steps
+  (``precheck``: see :func:`qjax.skip_nonfinite`; e.g.
+  :meth:`Setup.precheck` for a qjax rule after the built-in step)."""
+  return transforms.skip_nonfinite(optax.chain(base, rule), precheck)
 
 
 # The built-in methods register themselves on import; each lives in its own

@@ -22,7 +22,8 @@ EVAL_STORED = "stored grid weights"
 def fp(setup) -> Method:
   """Full-precision baseline: the base optimizer, nothing quantized."""
   return Method(setup.label, identity_view,
-                transforms.skip_nonfinite(setup.base()), identity, "float")
+                transforms.skip_nonfinite(setup.base(), setup.precheck()),
+                identity, "float")
 
 
 def bc_view(setup, stochastic: bool = False):
@@ -48,7 +49,7 @@ def bc_tx(setup):
   rule = setup.masked(transforms.latent_clipping(
       setup.grid, quantizers.all_floats,
       bool(setup.hparams.get("scale_by_grid"))))
-  return guarded(setup.base(), rule)
+  return guarded(setup.base(), rule, setup.precheck())
 
 
 @register("bc", label="BC", eval_mode="deterministic-quantized latent",
@@ -72,7 +73,8 @@ def sr(setup) -> Method:
   """Stochastic rounding (Li et al. 2017, Eq. 3): ``w <- Q_s(w - a g)``."""
   rule = setup.masked(transforms.stochastic_rounding(
       setup.grid, setup.key, quantizers.all_floats))
-  return Method(setup.label, identity_view, guarded(setup.base(), rule),
+  return Method(setup.label, identity_view,
+                guarded(setup.base(), rule, setup.precheck()),
                 setup.encode, EVAL_STORED)
 
 
@@ -82,5 +84,6 @@ def r(setup) -> Method:
   """Deterministic rounding (Li et al. 2017, Eq. 2): ``w <- Q_d(w - a g)``."""
   rule = setup.masked(transforms.nearest_rounding(setup.grid,
                                                   quantizers.all_floats))
-  return Method(setup.label, identity_view, guarded(setup.base(), rule),
+  return Method(setup.label, identity_view,
+                guarded(setup.base(), rule, setup.precheck()),
                 setup.encode, EVAL_STORED)
