@@ -37,7 +37,11 @@ that selects no leaf is an error, not a silent float run.
 
 Non-finite steps: every ``Method.tx`` is the whole chain wrapped in
 :func:`qjax.skip_nonfinite`: a step whose gradients or updates contain a NaN
-or inf changes nothing (parameters, optimizer state and keys are kept).
+or inf changes nothing (parameters, optimizer state and keys are kept). With
+the built-in Adam or SGD (no weight decay) the skip is decided from the
+step's inputs (:meth:`Setup.precheck`, :func:`qjax.transforms.bounded_step`);
+a new method that puts its own rule after ``setup.base()`` should pass
+``setup.precheck()`` only if its rule maps finite values to finite values.
 
 Example, a new method in a user's own file::
 
