@@ -601,10 +601,13 @@ def bounded_step(optimizer: str, learning_rate):
   * qjax's rules map finite ``p`` and ``u`` to finite values (clipping;
     a rounded value of the grid or format, saturating; integer codes).
 
-  A step with a finite gradient above ``2**50`` (or a parameter above
-  ``2**120``) is skipped here where the output-checking policy might take
-  it; such a run has diverged. Anything else is skipped or taken exactly
-  as by that policy (tested on injected NaNs, infinities and huge values).
+  A step with a finite gradient above ``2**50``, a parameter above
+  ``2**120``, a moment beyond its bound or a learning rate above ``2**20``
+  is skipped here where the output-checking policy might take it (such a
+  run has diverged, or its learning rate is not one anyone trains with).
+  Within the bounds both policies skip exactly the steps with a NaN or
+  inf, and give the same bits (tested with injected NaNs; the bounds are
+  tested at and just beyond each).
 
   Args:
     optimizer: ``"adam"`` or ``"sgd"``.
