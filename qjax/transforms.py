@@ -576,6 +576,12 @@ def _within(tree, bound) -> jax.Array:
   return ok
 
 
+def _states_of(tree, cls) -> list:
+  """Every ``cls`` (an optax state NamedTuple) nested in ``tree``."""
+  return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(
+      x, cls)) if isinstance(x, cls)]
+
+
 def bounded_step(optimizer: str, learning_rate):
   """The ``precheck`` of :func:`skip_nonfinite` for qjax's own steps.
 
@@ -625,19 +631,15 @@ def bounded_step(optimizer: str, learning_rate):
                      f"their defaults; got optimizer={optimizer!r}.")
 
   def moments(inner_state):
-    adam = [x for x in jax.tree.leaves(
-        inner_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-            if isinstance(x, optax.ScaleByAdamState)]
+    adam = _states_of(inner_state, optax.ScaleByAdamState)
     return [a.mu for a in adam], [a.nu for a in adam]
 
   def current_lr(inner_state):
     """The step's learning rate: the schedule at the count the step uses."""
     if not callable(learning_rate):
       return learning_rate
-    counts = [x.count for x in jax.tree.leaves(
-        inner_state,
-        is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-              if isinstance(x, optax.ScaleByScheduleState)]
+    counts = [x.count for x in
+              _states_of(inner_state, optax.ScaleByScheduleState)]
     return learning_rate(counts[0]) if len(counts) == 1 else None
 
   def precheck(updates, inner_state, params):
