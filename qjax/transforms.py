@@ -529,6 +529,11 @@ def skip_nonfinite(inner: optax.GradientTransformation, precheck=None
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`SkipNonFiniteState`.
   """
+  if precheck is not None and not callable(precheck):
+    raise TypeError(
+        f"skip_nonfinite: precheck must be None or a function (updates, "
+        f"inner_state, params) -> bool, e.g. "
+        f"qjax.transforms.bounded_step('adam', lr); got {precheck!r}.")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

@@ -540,6 +540,8 @@ def test_bounded_step_leaves_float16_parameters_to_the_output_checks():
   assert _bits(qjax.apply_updates(p, d)) == _bits(p)
   with pytest.raises(ValueError, match="optax.adam and optax.sgd"):
     qjax.transforms.bounded_step("lion", 0.1)
+  with pytest.raises(TypeError, match="precheck must be None or a function"):
+    qjax.skip_nonfinite(optax.adam(0.1), precheck=True)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
