@@ -18,7 +18,9 @@ qjax-specific:
 
 * ``fp``: Adam on float weights.
 * ``bc``: the forward pass sees ``H sign(w_r)`` (straight-through gradient),
-  Adam updates the float latent ``w_r``, clipped to ``[-H, H]``.
+  Adam updates the float latent ``w_r``, clipped to ``[-H, H]``; the test
+  error is that of ``H sign(w_r)`` (until 2026-12-07 it was measured on the
+  latents, with BatchNorm statistics gathered on the binary weights).
 * ``sr``: weights stored on the grid (as floats); after Adam's step ``w +
   u`` is rounded stochastically to ``-H`` or ``+H``.
 * ``r``: the same, rounded to the nearest point.
@@ -37,6 +39,7 @@ only). torch is an optional dependency (the CPU wheel).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -99,21 +102,36 @@ class ReferenceStep:
     self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
     self.loss = nn.CrossEntropyLoss()
 
-  def step(self, x, y):
+  @contextlib.contextmanager
+  def _binary_weights(self):
+    """BC's quantized layers hold ``H sign(w_r)`` inside, ``w_r`` after.
+
+    The forward pass of a BC step and its evaluation both see the binary
+    weights (what BC deploys); the latents ``w_r`` are restored on exit
+    (gradients in ``.grad`` are untouched). Other methods store their
+    weights as they are used.
+    """
+    if self.method != "bc":
+      yield
+      return
     torch = self.torch
-    latents = None
-    if self.method == "bc":  # forward on H sign(w_r), gradient to w_r (STE)
-      latents = [m.weight.detach().clone() for m in self.quantized]
-      with torch.no_grad():
-        for m, h in zip(self.quantized, self.scales):
-          m.weight.copy_(torch.where(m.weight >= 0, h, -h))
-    self.opt.zero_grad(set_to_none=True)
-    loss = self.loss(self.model(x), y)
-    loss.backward()
+    latents = [m.weight.detach().clone() for m in self.quantized]
     with torch.no_grad():
-      if latents is not None:
+      for m, h in zip(self.quantized, self.scales):
+        m.weight.copy_(torch.where(m.weight >= 0, h, -h))
+    try:
+      yield
+    finally:
+      with torch.no_grad():
         for m, w in zip(self.quantized, latents):
           m.weight.copy_(w)
+
+  def step(self, x, y):
+    torch = self.torch
+    self.opt.zero_grad(set_to_none=True)
+    with self._binary_weights():  # BC: forward on H sign(w_r), STE to w_r
+      loss = self.loss(self.model(x), y)
+      loss.backward()
     self.opt.step()
     with torch.no_grad():
       for m, h in zip(self.quantized, self.scales):
@@ -128,11 +146,13 @@ class ReferenceStep:
     return loss.detach()
 
   def test_error(self, x, y, batch: int = 1000) -> float:
-    """Top-1 error on ``(x, y)`` in eval mode (BatchNorm's running stats)."""
+    """Top-1 error on ``(x, y)`` in eval mode (BatchNorm's running stats),
+    of the weights the method deploys (BC: ``H sign(w_r)``, as in its
+    training forward pass and in qjax's evaluation)."""
     torch = self.torch
     self.model.eval()
     wrong = 0
-    with torch.no_grad():
+    with torch.no_grad(), self._binary_weights():
       for i in range(0, len(x), batch):
         wrong += int((self.model(x[i:i + batch]).argmax(1)
                       != y[i:i + batch]).sum())

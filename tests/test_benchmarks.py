@@ -372,3 +372,35 @@ def test_interleaved_times_alternates_the_runs_once_per_round():
   assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
   assert step_throughput.interleaved_times(runs, 0) == {"a": [],
                                                         ("r", "bf16"): []}
+
+
+def test_torch_reference_bc_test_error_is_of_the_binary_weights():
+  """BC's test error is that of H sign(w_r), computed here independently on
+  a copy of the model; the latents are unchanged by evaluating."""
+  torch = pytest.importorskip("torch")
+  import copy  # pylint: disable=import-outside-toplevel
+  from benchmarks import torch_reference
+  ref = torch_reference.ReferenceStep("bc", features=(32,), num_inputs=20,
+                                      lr=3e-2)
+  g = torch.Generator().manual_seed(1)
+  w = torch.randn((20, 10), generator=g)
+  x = torch.randn((16, 64, 20), generator=g)
+  y = (x @ w).argmax(-1)
+  for t in range(64):
+    ref.step(x[t % 16], y[t % 16])
+  latents = [m.weight.detach().clone() for m in ref.quantized]
+  x_test, y_test = x.reshape(-1, 20), y.reshape(-1)
+  got = ref.test_error(x_test, y_test, batch=100)
+  binary = copy.deepcopy(ref.model).eval()
+  latent = copy.deepcopy(ref.model).eval()
+  with torch.no_grad():
+    for i, h in zip([i for i, m in enumerate(ref.model)
+                     if m in ref.quantized], ref.scales):
+      binary[i].weight.copy_(torch.where(binary[i].weight >= 0, h, -h))
+    want = float((binary(x_test).argmax(1) != y_test).float().mean())
+    on_latents = float((latent(x_test).argmax(1) != y_test).float().mean())
+  assert got == pytest.approx(want, abs=1e-9)
+  assert on_latents != pytest.approx(want, abs=1e-9)  # the test can fail
+  for m, w0 in zip(ref.quantized, latents):
+    assert torch.equal(m.weight.detach(), w0)
+  assert ref.model.training
