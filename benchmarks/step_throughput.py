@@ -40,7 +40,10 @@ the practical limit, as a percentage.
 Command: ``python -m benchmarks.step_throughput [--model mlp|allconv]
 [--methods fp,bc,sr,r] [--steps 100] [--repeats 3] [--batch 128]
 [--strategy auto|scan-vmap|scan-loop|loop-vmap|loop-loop]
+[--random-bits threefry|hash]
 [--features 512,512] [--out results/benchmarks/step_throughput.json]``.
+``--random-bits hash`` times SR with qjax's cheaper random bits
+(:func:`qjax.quantizers.hash_bits`); the PyTorch reference is unchanged.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import numpy as np
 
 from experiments import common
 from qjax import models
+from qjax import quantizers
 from qjax import results as results_lib
 from qjax import sweep as sweep_lib
 from qjax import train as train_lib
@@ -170,10 +174,12 @@ def measured_sgemm(features, batch: int, repeats: int = 3) -> dict:
 
 
 def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
-                grid: str = "glorot", model: str = "mlp", strategy=None):
+                grid: str = "glorot", model: str = "mlp", strategy=None,
+                random_bits: str = "threefry"):
   """A callable running one compiled epoch of ``steps`` for one config.
 
-  ``strategy``: default the one the engine picks for ``model``."""
+  ``strategy``: default the one the engine picks for ``model``;
+  ``random_bits``: SR's source of random bits (``TrainConfig``)."""
   if model == "mlp":
     net = models.get("mlp", 10, features=features)
     shape, quantized = (28, 28, 1), {"grid": grid}
@@ -182,7 +188,8 @@ def _qjax_epoch(method: str, features, batch: int, steps: int, lr: float,
     shape, quantized = (CONV_SIZE, CONV_SIZE, 1), {"grid": "binary",
                                                    "mask": "conv"}
   config = train_lib.TrainConfig(method=method, batch_size=batch, epochs=1,
-                                 steps_per_epoch=steps, **quantized)
+                                 steps_per_epoch=steps,
+                                 random_bits=random_bits, **quantized)
   # The strategy the engine itself picks (a scanned epoch for the MLP; on
   # CPU a Python loop of jitted steps for the convnet).
   programs = sweep_lib.programs(
@@ -241,7 +248,8 @@ def interleaved_times(runs: dict, repeats: int) -> dict:
 def bench(method: str, args) -> dict:
   strategy = parsed_strategy(args.strategy)
   qjax_run = _qjax_epoch(method, args.features, args.batch, args.steps,
-                         args.lr, model=args.model, strategy=strategy)
+                         args.lr, model=args.model, strategy=strategy,
+                         random_bits=args.random_bits)
   qjax_run()  # compile and warm up
   torch_run = _torch_steps(method, args.features, args.batch, args.steps,
                            args.lr, model=args.model)
@@ -325,6 +333,9 @@ def main(argv=None) -> dict:
                       "experiments' convnet; --features is ignored)")
   parser.add_argument("--methods", type=common.name_list(METHODS),
                       default=",".join(METHODS))
+  parser.add_argument("--random-bits", default="threefry",
+                      choices=quantizers.RANDOM_BITS,
+                      help="SR's random bits (TrainConfig.random_bits)")
   add_step_args(parser, repeats=3)
   parser.add_argument("--out",
                       default="results/benchmarks/step_throughput.json")

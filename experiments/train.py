@@ -40,6 +40,7 @@ from qjax import grids as grids_lib
 from qjax import memory as memory_lib
 from qjax import methods as methods_lib
 from qjax import models
+from qjax import quantizers
 from qjax import results as results_lib
 from qjax import sweep as sweep_lib
 from qjax import train as train_lib
@@ -123,6 +124,11 @@ def parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
   p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                  help="steps-configs execution (auto: measured best for the "
                  "model and backend, see qjax.sweep.choose_strategy)")
+  p.add_argument("--random-bits", default="threefry",
+                 choices=quantizers.RANDOM_BITS,
+                 help="where SR draws each weight's 32 random bits: "
+                 "threefry (jax.random.bits' stream) or hash (a keyed "
+                 "integer hash, cheaper on CPU; other numbers than threefry)")
   p.add_argument("--max-configs-per-chunk", type=common.positive_int,
                  default=None, help="train at most this many configs at once")
   p.add_argument("--train-subset", type=common.positive_int, default=None,
@@ -322,7 +328,8 @@ class Plan:
           self.configs[key] = train_lib.TrainConfig(
               method=m, optimizer=args.optimizer, mask=mask, grid=g,
               batch_size=args.batch_size, epochs=args.epochs,
-              lr_decay_epochs=args.lr_decay_epochs)
+              lr_decay_epochs=args.lr_decay_epochs,
+              random_bits=args.random_bits)
     except ValueError as err:
       raise UsageError(str(err).replace("lr_decay_epochs", "--lr-decay-epochs")
                        ) from None

@@ -40,6 +40,10 @@ def fingerprint(model, dataset, config: train_lib.TrainConfig,
   train_config = dataclasses.asdict(config)
   # Not the epoch count: a run may be extended (checkpoint.check_epochs).
   del train_config["epochs"]
+  # The default source leaves the fingerprint as it was before the option
+  # existed, so earlier runs' checkpoints still resume.
+  if train_config.get("random_bits") == "threefry":
+    del train_config["random_bits"]
   return {
       "train_config": train_config,
       "configs": [dict(c) for c in configs],

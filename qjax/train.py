@@ -62,6 +62,9 @@ class TrainConfig:
     max_nonfinite_streak: a config whose last this many steps were all
       skipped for non-finite values stops the sweep with
       :class:`NonFiniteError` (checked after each epoch).
+    random_bits: where stochastic rounding (``sr``) draws each weight's 32
+      bits: ``"threefry"`` (``jax.random.bits``' stream, the default) or
+      ``"hash"`` (:func:`qjax.quantizers.hash_bits`, cheaper on CPU).
   """
   method: str = "bc"
   optimizer: str = "adam"
@@ -73,9 +76,11 @@ class TrainConfig:
   augment: bool = False
   steps_per_epoch: int = 1
   max_nonfinite_streak: int = 20
+  random_bits: str = "threefry"
 
   def __post_init__(self):
     methods_lib.get(self.method)  # raises for an unregistered name
+    quantizers.check_random_bits(self.random_bits, "TrainConfig")
     if self.optimizer not in methods_lib.OPTIMIZERS:
       raise ValueError(f"optimizer must be one of {methods_lib.OPTIMIZERS}; "
                        f"got {self.optimizer!r}.")
@@ -149,7 +154,8 @@ def build_method(config: TrainConfig, hparams: dict,
       config.method, learning_rate_schedule(config, hparams["lr"]),
       optimizer=config.optimizer, mask=MASKS[config.mask],
       grid=config_grid(config, hparams), key=key,
-      weight_decay=hparams.get("weight_decay"), **own)
+      weight_decay=hparams.get("weight_decay"),
+      random_bits=config.random_bits, **own)
 
 
 def layer_grids(config: TrainConfig, params: PyTree, hparams: dict) -> dict:

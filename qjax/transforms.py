@@ -162,7 +162,8 @@ def _round_float(p, u, g, bits, rule: str):
   return exact_delta(p, q)
 
 
-def _rounding_update(updates, params, mask, grid, key, rule: str):
+def _rounding_update(updates, params, mask, grid, key, rule: str,
+                     source: str = "threefry"):
   """Shared body of SR and R on every masked (or :class:`Codes`) leaf."""
   is_codes = codes_lib.is_codes
   # Codes leaves are rounded whatever the mask says (their updates can only
@@ -182,7 +183,7 @@ def _rounding_update(updates, params, mask, grid, key, rule: str):
           f"the update of a quantized leaf must be a float array of its "
           f"decoded shape {shape}; got {got}. Compute gradients at the "
           "decoded view, qjax.codes.decode_tree(params).")
-    bits = None if k is None else quantizers.random_bits(k, shape)
+    bits = None if k is None else quantizers.random_bits(k, shape, source)
     if is_codes(p):
       return _round_codes(p, u, bits, rule)
     if g is None:
@@ -230,7 +231,8 @@ _VMAP_TRANSFORM = (
     "(keys, params)")
 
 
-def stochastic_rounding(grid, key, mask=None
+def stochastic_rounding(grid, key, mask=None, *,
+                        random_bits: str = "threefry"
                         ) -> optax.GradientTransformationExtraArgs:
   """SR update rule: after ``apply_updates``, ``w = Q_s(w + u)``.
 
@@ -260,6 +262,10 @@ def stochastic_rounding(grid, key, mask=None
     mask: which leaves to round (see :func:`qjax.resolve_mask`; default: the
       kernels); others get the incoming update unchanged. A mask that
       selects nothing is an error.
+    random_bits: where each element's 32 bits come from: ``"threefry"``
+      (the default, ``jax.random.bits``' stream) or ``"hash"``
+      (:func:`qjax.quantizers.hash_bits`: a keyed integer hash, about a
+      third of Threefry's cost on CPU; other numbers than the default).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -270,6 +276,7 @@ def stochastic_rounding(grid, key, mask=None
     ...                  qjax.stochastic_rounding(qjax.Grid.binary(), key=0))
   """
   _check_grid(grid, "stochastic_rounding")
+  source = quantizers.check_random_bits(random_bits, "stochastic_rounding")
   if key is not None:
     key = quantizers.as_key(key, "stochastic_rounding", _VMAP_TRANSFORM)
 
@@ -285,7 +292,8 @@ def stochastic_rounding(grid, key, mask=None
     del extra_args
     _require_params(params, "stochastic_rounding")
     next_key, draw_key = jax.random.split(state.key)
-    updates = _rounding_update(updates, params, mask, grid, draw_key, "sr")
+    updates = _rounding_update(updates, params, mask, grid, draw_key, "sr",
+                               source)
     return updates, StochasticRoundingState(key=next_key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

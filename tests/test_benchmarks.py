@@ -93,8 +93,9 @@ def test_step_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
   from benchmarks import step_throughput
   result = step_throughput.main(["--methods", "sr,fp", "--steps", "3",
                                  "--repeats", "1", "--batch", "16",
-                                 "--features", "16", "--out",
-                                 str(tmp_path / "s.json")])
+                                 "--features", "16", "--random-bits", "hash",
+                                 "--out", str(tmp_path / "s.json")])
+  assert result["args"]["random_bits"] == "hash"
   rows = {r["method"]: r for r in result["rows"]}
   assert set(rows) == {"sr", "fp"}
   for r in rows.values():
@@ -155,12 +156,17 @@ def test_format_step_benchmark_compares_sr_with_r(tmp_path, capsys):
                              "--repeats", "1", "--batch", "16",
                              "--features", "16", "--out",
                              str(tmp_path / "f.json")])
-  (row,) = result["rows"]
-  assert row["format"] == "fp8_e4m3"
-  assert row["sr_over_r_time"] == pytest.approx(
-      row["r_steps_per_s"] / row["sr_steps_per_s"])
+  rows = {r["random_bits"]: r for r in result["rows"]}
+  assert set(rows) == {"threefry", "hash"}
+  for row in rows.values():
+    assert row["format"] == "fp8_e4m3"
+    assert row["sr_over_r_time"] == pytest.approx(
+        row["r_steps_per_s"] / row["sr_steps_per_s"])
+  assert rows["hash"]["r_steps_per_s"] == rows["threefry"]["r_steps_per_s"]
+  assert rows["hash"]["sr_round_s"] != rows["threefry"]["sr_round_s"]
   assert result["fp_steps_per_s"] > 0
-  assert "| fp8_e4m3 |" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "| fp8_e4m3 | threefry |" in out and "| fp8_e4m3 | hash |" in out
 
 
 @pytest.mark.parametrize("method", ["fp", "bc", "sr", "r"])

@@ -16,3 +16,16 @@ def test_ruff_check_passes():
   if proc.returncode != 0:
     pytest.fail(f"ruff check failed (exit {proc.returncode}):\n"
                 f"{proc.stdout}{proc.stderr}", pytrace=False)
+
+
+def test_ci_runs_the_readme_test_command():
+  """The README's second command is the one .ci/run calls, verbatim."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+  commands = [line for line in block.splitlines() if line.strip()]
+  assert len(commands) == 2, commands
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    ci = [line.strip() for line in f if not line.startswith("#")]
+  assert commands[1] in ci, (commands[1], ci)
+  assert "pytest" in commands[1]

@@ -84,6 +84,13 @@ def test_notebook_runs_at_smoke_scale(path, tmp_path, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
   monkeypatch.setenv("MPLBACKEND", "Agg")
+  # Smoke runs are compile-bound: skip XLA's optimizations (as the in-process
+  # smoke tests do, the fast_compile fixture) and compile each program once,
+  # on one CPU device, not once per core (multi-device runs are tested in
+  # tests/test_sweep.py). bit_width's notebook took 234 s of the 300 s
+  # budget without these, with the suite on two workers.
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
   nb = nbformat.read(path, as_version=4)
   deadline = time.monotonic() + NOTEBOOK_TIMEOUT_S
   client = NotebookClient(

@@ -168,6 +168,8 @@ class Setup:
       (only ``tx.init`` may need it).
     hparams: the method's own hyperparameters, defaults filled in.
     weight_decay: ``None`` or the decay (see :func:`base_optimizer`).
+    random_bits: where stochastic rounding draws its 32 bits per weight
+      (``"threefry"`` or ``"hash"``; :func:`qjax.stochastic_rounding`).
   """
   name: str
   learning_rate: Any
@@ -177,6 +179,7 @@ class Setup:
   key: Any
   hparams: Mapping[str, Any]
   weight_decay: Any = None
+  random_bits: str = "threefry"
 
   def base(self) -> optax.GradientTransformation:
     """The base step ``u`` (Adam or SGD, with the weight decay if any).
@@ -385,7 +388,8 @@ def label(name: str, optimizer: str = "adam") -> str:
 
 def make(name: str, learning_rate=1e-2, *, optimizer="adam",
          grid: Grid | Callable = quantizers.glorot_binary_grid, mask=None,
-         key=None, weight_decay=None, **hparams) -> Method:
+         key=None, weight_decay=None, random_bits: str = "threefry",
+         **hparams) -> Method:
   """Builds the registered method ``name``.
 
   Args:
@@ -402,6 +406,8 @@ def make(name: str, learning_rate=1e-2, *, optimizer="adam",
     key: seed or key for the method's randomness (required to initialise
       ``sr``'s state; ``None`` builds a method that can only update).
     weight_decay: optional decoupled weight decay (:func:`base_optimizer`).
+    random_bits: where stochastic rounding draws its bits (``"threefry"``,
+      the default, or ``"hash"``; :func:`qjax.stochastic_rounding`).
     **hparams: the method's own hyperparameters (e.g. Bop's ``threshold``
       and ``gamma``; BC's ``ste_clip`` and ``scale_by_grid``).
 
@@ -420,8 +426,9 @@ def make(name: str, learning_rate=1e-2, *, optimizer="adam",
     raise ValueError(
         f"optimizer must be one of {OPTIMIZERS} or an optax transformation; "
         f"got optimizer={optimizer!r}.")
+  quantizers.check_random_bits(random_bits, f"method {name!r}")
   return spec.build(Setup(name, learning_rate, optimizer, grid, mask, key,
-                          own, weight_decay))
+                          own, weight_decay, random_bits))
 
 
 def fp(learning_rate=1e-2, **kwargs) -> Method:

@@ -72,7 +72,8 @@ def bc(setup) -> Method:
 def sr(setup) -> Method:
   """Stochastic rounding (Li et al. 2017, Eq. 3): ``w <- Q_s(w - a g)``."""
   rule = setup.masked(transforms.stochastic_rounding(
-      setup.grid, setup.key, quantizers.all_floats))
+      setup.grid, setup.key, quantizers.all_floats,
+      random_bits=setup.random_bits))
   return Method(setup.label, identity_view,
                 guarded(setup.base(), rule, setup.precheck()),
                 setup.encode, EVAL_STORED)
