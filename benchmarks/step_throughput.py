@@ -42,7 +42,10 @@ Command: ``python -m benchmarks.step_throughput [--model mlp|allconv]
 [--strategy auto|scan-vmap|scan-loop|loop-vmap|loop-loop]
 [--random-bits threefry|hash]
 [--features 512,512] [--out results/benchmarks/step_throughput.json]``.
-``--random-bits hash`` times SR with qjax's cheaper random bits
+After the table, every method's step time over FP-ADAM's, timed
+interleaved in one set of rounds (SR with both sources of random bits),
+against the targets BC <= 1.10, SR <= 1.15, R <= 1.10 (``--no-overheads``
+skips it). ``--random-bits hash`` times SR with qjax's cheaper random bits
 (:func:`qjax.quantizers.hash_bits`); the PyTorch reference is unchanged.
 """
 
@@ -67,6 +70,8 @@ METHODS = ("fp", "bc", "sr", "r")
 # qjax / PyTorch steps per second (the speed issue): 1.3x on the MLP,
 # parity on the convnet.
 TARGETS = {"mlp": 1.3, "allconv": 1.0}
+# Step time relative to FP-ADAM's (the speed issue), at most.
+OVERHEAD_TARGETS = {"bc": 1.10, "sr": 1.15, "r": 1.10}
 
 
 INPUTS, CLASSES = 784, 10
@@ -274,6 +279,41 @@ def bench(method: str, args) -> dict:
   return row
 
 
+def overheads(args) -> dict:
+  """Each quantized method's step time over FP-ADAM's, timed interleaved.
+
+  The rows of :func:`bench` are timed one method after another, so the
+  machine's drift enters their ratios; here every method (SR with both
+  sources of random bits) runs in every round, and the fastest round of
+  each counts. Returns ``{name: ratio}`` and the rounds.
+  """
+  strategy = parsed_strategy(args.strategy)
+  configs = {"fp": ("fp", "threefry"), "bc": ("bc", "threefry"),
+             "sr": ("sr", "threefry"), "sr_hash": ("sr", "hash"),
+             "r": ("r", "threefry")}
+  runs = {}
+  for name, (method, bits) in configs.items():
+    runs[name] = _qjax_epoch(method, args.features, args.batch, args.steps,
+                             args.lr, model=args.model, strategy=strategy,
+                             random_bits=bits)
+    runs[name]()  # compile and warm up
+  times = interleaved_times(runs, args.repeats)
+  best = {name: min(t) for name, t in times.items()}
+  return {"ratio": {name: best[name] / best["fp"] for name in runs
+                    if name != "fp"}, "round_s": times}
+
+
+def format_overheads(result: dict) -> str:
+  lines = ["| method | step time / FP-ADAM's | target |", "|---|---:|---|"]
+  for name, ratio in result["ratio"].items():
+    target = OVERHEAD_TARGETS[name.split("_")[0]]
+    label = ("sr-adam, random_bits=hash" if name == "sr_hash"
+             else f"{name}-adam")
+    lines.append(f"| {label} | {ratio:.3f} | <= {target}: "
+                 f"{'met' if ratio <= target else 'not met'} |")
+  return "\n".join(lines)
+
+
 def _cell(value, fmt: str) -> str:
   return "-" if value is None else format(value, fmt)
 
@@ -336,6 +376,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--random-bits", default="threefry",
                       choices=quantizers.RANDOM_BITS,
                       help="SR's random bits (TrainConfig.random_bits)")
+  parser.add_argument("--no-overheads", action="store_true",
+                      help="skip the interleaved overhead table")
   add_step_args(parser, repeats=3)
   parser.add_argument("--out",
                       default="results/benchmarks/step_throughput.json")
@@ -343,13 +385,17 @@ def main(argv=None) -> dict:
   rows = [bench(m, args) for m in args.methods]
   sgemm = measured_sgemm(args.features, args.batch, args.repeats)
   table = format_table(rows, sgemm)
+  overhead = None if args.no_overheads else overheads(args)
+  if overhead is not None:
+    table += ("\n\nQuantization overhead (qjax only, every method in "
+              "every round):\n\n" + format_overheads(overhead))
   print(table)
   if all(r["ratio"] is None for r in rows):
     print("torch is not installed: PyTorch columns empty (pip install torch)",
           file=sys.stderr)
   result = {"args": vars(args),
             "environment": results_lib.environment(), "rows": rows,
-            "sgemm": sgemm,
+            "sgemm": sgemm, "overheads": overhead,
             "table": table}
   results_lib.write_json(args.out, result)
   return result

@@ -264,8 +264,8 @@ def stochastic_rounding(grid, key, mask=None, *,
       selects nothing is an error.
     random_bits: where each element's 32 bits come from: ``"threefry"``
       (the default, ``jax.random.bits``' stream) or ``"hash"``
-      (:func:`qjax.quantizers.hash_bits`: a keyed integer hash, about a
-      third of Threefry's cost on CPU; other numbers than the default).
+      (:func:`qjax.quantizers.hash_bits`: a keyed integer hash, cheaper on
+      CPU; other numbers than the default).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs

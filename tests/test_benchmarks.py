@@ -96,6 +96,10 @@ def test_step_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
                                  "--features", "16", "--random-bits", "hash",
                                  "--out", str(tmp_path / "s.json")])
   assert result["args"]["random_bits"] == "hash"
+  ratios = result["overheads"]["ratio"]
+  assert set(ratios) == {"bc", "sr", "sr_hash", "r"}
+  best = {k: min(v) for k, v in result["overheads"]["round_s"].items()}
+  assert ratios["sr_hash"] == pytest.approx(best["sr_hash"] / best["fp"])
   rows = {r["method"]: r for r in result["rows"]}
   assert set(rows) == {"sr", "fp"}
   for r in rows.values():
@@ -109,6 +113,7 @@ def test_step_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
           r["qjax_steps_per_s"] / r["torch_steps_per_s"])
   out = capsys.readouterr().out
   assert "| mlp | sr-adam |" in out and "% of sgemm" in out
+  assert "| sr-adam, random_bits=hash |" in out
   sgemm = result["sgemm"]
   assert sgemm["flops"] > 1e8 and "numpy" in sgemm["by_backend"]
   assert "1024x1024x1024" in sgemm["by_backend"]["numpy"]
@@ -141,8 +146,9 @@ def test_step_throughput_runs_the_allconv_net(tmp_path, capsys):
   from benchmarks import step_throughput
   result = step_throughput.main(["--model", "allconv", "--methods", "sr",
                                  "--steps", "2", "--repeats", "1",
-                                 "--batch", "8", "--out",
+                                 "--batch", "8", "--no-overheads", "--out",
                                  str(tmp_path / "s.json")])
+  assert result["overheads"] is None
   (row,) = result["rows"]
   assert row["model"] == "allconv" and row["qjax_steps_per_s"] > 0
   assert row["step_flops"] == step_throughput.allconv_step_flops(
