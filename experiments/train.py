@@ -311,6 +311,11 @@ class Plan:
         print(f"note: --sweep {n} applies to "
               f"{','.join(m for m in args.methods if m not in without)} "
               f"only, not to {','.join(without)}", file=sys.stderr)
+    if args.random_bits != "threefry":
+      print(f"note: --random-bits {args.random_bits}: SR draws its random "
+            "bits from qjax's keyed hash (qjax.quantizers.hash_bits), not "
+            "jax.random.bits' stream; methods that draw none are unchanged",
+            file=sys.stderr)
     self.specs = {m: sweep_lib.SweepSpec(
         seeds=args.seeds, lrs=args.lrs, grid_scales=args.grid_scales,
         hparams={n: v for n, v in args.sweeps

@@ -196,6 +196,7 @@ def test_cli_random_bits_is_recorded_learns_and_is_not_resumed_across(
     tmp_path, capsys):
   hashed, threefry = tmp_path / "hash", tmp_path / "threefry"
   assert _run(hashed, "--random-bits", "hash") == 0
+  assert "--random-bits hash" in capsys.readouterr().err
   assert _run(threefry) == 0
   runs = {}
   for name, out in (("hash", hashed), ("threefry", threefry)):
