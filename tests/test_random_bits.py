@@ -107,6 +107,14 @@ def test_hash_bits_vmap_lane_is_the_single_run():
                                   quantizers.hash_bits(keys[i], (33, 17)))
 
 
+def test_hash_bits_take_a_seed_and_refuse_a_batch_of_keys():
+  np.testing.assert_array_equal(
+      quantizers.hash_bits(5, (8,)),
+      quantizers.hash_bits(jax.random.key(5), (8,)))
+  with pytest.raises(ValueError, match="expects one key"):
+    quantizers.hash_bits(jax.random.split(jax.random.key(0), 3), (8,))
+
+
 def test_hash_bits_other_prngs_draw_their_two_words():
   key = jax.random.key(3, impl="rbg")
   a = quantizers.hash_bits(key, (4096,))
