@@ -52,6 +52,27 @@ def test_lane_i_equals_single_run_i(method, strategy, small_digits):
                              single["history"][-1]["test_error"][0], atol=0.01)
 
 
+def test_vmapped_lane_with_hash_bits_equals_its_single_run(small_digits):
+  """SR with ``random_bits="hash"`` under the vmapped config axis (the
+  accelerator strategy): lane i's codes are the single run's, bit for bit,
+  and not the Threefry run's."""
+  strategy = Strategy("scan", "vmap")
+  config = TrainConfig(method="sr", batch_size=64, epochs=1,
+                       random_bits="hash")
+  spec = SweepSpec(seeds=(0, 1), lrs=(0.01,))
+  out = sweep(_model(), small_digits, config, spec, strategy=strategy,
+              progress=False)
+  single = train(_model(), small_digits, config, seed=1, lr=0.01,
+                 strategy=strategy, progress=False)
+  threefry = train(_model(), small_digits, TrainConfig(
+      method="sr", batch_size=64, epochs=1), seed=1, lr=0.01,
+                   strategy=strategy, progress=False)
+  kernel = lambda r, i: np.asarray(
+      r["final_state"].params["Dense_0"]["kernel"].data[i])
+  assert np.array_equal(kernel(out, 1), kernel(single, 0))
+  assert not np.array_equal(kernel(single, 0), kernel(threefry, 0))
+
+
 def test_repeated_runs_compile_nothing_new(small_digits):
   """A second single run (another seed, another lr) reuses every compiled
   program: before, each run re-jitted its shuffle and paid 0.5 s on MNIST."""
