@@ -41,18 +41,13 @@ def main(argv=None) -> dict:
   step_throughput.add_step_args(parser, repeats=5)
   parser.add_argument("--out", default="results/benchmarks/format_step.json")
   args = parser.parse_args(argv)
-  strategy = step_throughput.parsed_strategy(args.strategy)
-  # (run name, method, grid, SR's random bits)
-  configs = [("fp", "fp", "glorot", "threefry")] + [
-      (name, name[:2], f, "hash" if name == "sr_hash" else "threefry")
-      for f in args.formats for name in ("r", "sr", "sr_hash")]
-  runs = {}
-  for name, method, grid, bits in configs:
-    run = step_throughput._qjax_epoch(  # pylint: disable=protected-access
-        method, args.features, args.batch, args.steps, args.lr, grid,
-        strategy=strategy, random_bits=bits)
-    run()  # compile and warm up
-    runs[(name, grid)] = run
+  # Run name (method or "sr_hash", format) -> (method, grid, SR's bits).
+  configs = {("fp", "glorot"): ("fp", "glorot", "threefry")}
+  for f in args.formats:
+    configs.update({("r", f): ("r", f, "threefry"),
+                    ("sr", f): ("sr", f, "threefry"),
+                    ("sr_hash", f): ("sr", f, "hash")})
+  runs = step_throughput.warm_epochs(configs, args)
   times = step_throughput.interleaved_times(runs, args.repeats)
   rate = {c: args.steps / min(t) for c, t in times.items()}
   rows = []

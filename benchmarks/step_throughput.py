@@ -279,6 +279,20 @@ def bench(method: str, args) -> dict:
   return row
 
 
+def warm_epochs(configs: dict, args, model: str = "mlp") -> dict:
+  """``{name: run}`` for ``configs`` (``name: (method, grid,
+  random_bits)``), each an :func:`_qjax_epoch` of ``args``' shape and
+  ``--strategy``, compiled and run once (warm) before it is returned."""
+  strategy = parsed_strategy(args.strategy)
+  runs = {}
+  for name, (method, grid, bits) in configs.items():
+    runs[name] = _qjax_epoch(method, args.features, args.batch, args.steps,
+                             args.lr, grid, model=model, strategy=strategy,
+                             random_bits=bits)
+    runs[name]()  # compile and warm up
+  return runs
+
+
 def overheads(args) -> dict:
   """Each quantized method's step time over FP-ADAM's, timed interleaved.
 
@@ -287,16 +301,12 @@ def overheads(args) -> dict:
   sources of random bits) runs in every round, and the fastest round of
   each counts. Returns ``{name: ratio}`` and the rounds.
   """
-  strategy = parsed_strategy(args.strategy)
-  configs = {"fp": ("fp", "threefry"), "bc": ("bc", "threefry"),
-             "sr": ("sr", "threefry"), "sr_hash": ("sr", "hash"),
-             "r": ("r", "threefry")}
-  runs = {}
-  for name, (method, bits) in configs.items():
-    runs[name] = _qjax_epoch(method, args.features, args.batch, args.steps,
-                             args.lr, model=args.model, strategy=strategy,
-                             random_bits=bits)
-    runs[name]()  # compile and warm up
+  runs = warm_epochs({"fp": ("fp", "glorot", "threefry"),
+                      "bc": ("bc", "glorot", "threefry"),
+                      "sr": ("sr", "glorot", "threefry"),
+                      "sr_hash": ("sr", "glorot", "hash"),
+                      "r": ("r", "glorot", "threefry")}, args,
+                     model=args.model)
   times = interleaved_times(runs, args.repeats)
   best = {name: min(t) for name, t in times.items()}
   return {"ratio": {name: best[name] / best["fp"] for name in runs
