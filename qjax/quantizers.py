@@ -253,7 +253,8 @@ def hash_bits(key, shape: tuple[int, ...]) -> Array:
   with it (tests/test_random_bits.py). It is not JAX's stream: a run with
   ``random_bits="hash"`` draws other numbers than the default.
   """
-  words = _threefry_words(as_key(key, "hash_bits"))
+  key = as_key(key, "hash_bits")
+  words = _threefry_words(key)
   if words is None:
     words = jax.random.bits(key, (2,), jnp.uint32)
   size = int(np.prod(shape, dtype=np.int64))
